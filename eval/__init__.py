@@ -1,0 +1,1 @@
+"""Evaluation: metrics, benchmark runners, zero/few-shot protocols, inference."""

@@ -1,0 +1,34 @@
+"""medvlm3d: vision-language models for 3D medical images (CT, MRI).
+
+Public API:
+    load_config(path_or_name, overrides=()) -> RunConfig
+    build_model(cfg) -> MedVLM            (imports torch lazily)
+    load_pretrained(dir) -> MedVLM
+    DataError, ConfigError                (both subclass ValueError)
+
+Volumes and datasets: `medvlm3d.data.load_volume`, `medvlm3d.data.read_records`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from medvlm3d.data.config import RunConfig, load_config
+from medvlm3d.data.errors import ConfigError, DataError
+
+__version__ = "0.1.0"
+__all__ = ["load_config", "build_model", "load_pretrained", "DataError", "ConfigError", "RunConfig"]
+
+
+def build_model(cfg: Any, **kwargs: Any) -> Any:
+    """Build the composite model from a `RunConfig` (or its `ModelConfig`)."""
+    from medvlm3d.model.medvlm import build_model as _build
+
+    return _build(cfg, **kwargs)
+
+
+def load_pretrained(path: str, **kwargs: Any) -> Any:
+    """Rebuild a model from a checkpoint folder written by `save_pretrained`."""
+    from medvlm3d.model.checkpoint import load_pretrained as _load
+
+    return _load(path, **kwargs)

@@ -1,0 +1,1 @@
+"""Training: one Accelerate recipe for every stage (text, clip, align, finetune)."""
