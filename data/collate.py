@@ -1,0 +1,137 @@
+"""Collator: a list of samples (see data/dataset.py) -> one padded batch.
+
+    Collator(pad_token_id, padding_side="right")(samples) -> dict with
+      input_ids [B, L] long         padded with pad_token_id on `padding_side`
+      attention_mask [B, L] long    1 = real token
+      labels [B, L] long            padded with -100
+      question_ids [B, Lq] long     the question alone (TG-IS text feature); always right-padded
+      question_mask [B, Lq] long    1 = real token
+      volumes [N, 1, D, H, W]       N = all images of the batch, ordered by sample
+      image_to_sample [N] long      which sample each image belongs to (non-decreasing)
+      slices [N, S, 1, h, w]        S = the most slices of any image; padded slices are zeros
+      slice_mask [N, S] bool        True = a real slice
+      slice_plane [N, S] long, slice_index [N, S] long, slice_pos [N, S] float   (0 where padded)
+      slice_target [N, S] float     1 on the question's slice_labels, else 0
+      has_slice_target [N] bool
+      ids, questions, targets: list[str] (length B); records: list[dict]
+
+Left padding is for batched generation (prompts end at the same position). Slices are always
+padded at the end of the slice axis, whatever `padding_side` says.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from .prompts import IGNORE_INDEX
+
+_TEXT_KEYS = ("input_ids", "labels", "attention_mask", "question_ids")
+_PER_IMAGE_KEYS = ("slice_plane", "slice_index", "slice_pos", "slice_target")
+
+
+def _as_1d(x: Any, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.as_tensor(x, dtype=dtype)
+    if t.dim() != 1:
+        raise ValueError(f"expected a 1D sequence of token ids, got shape {tuple(t.shape)}")
+    return t
+
+
+class Collator:
+    """Pads text (on `padding_side`) and slices (at the end) and concatenates the images."""
+
+    def __init__(self, pad_token_id: int, padding_side: str = "right") -> None:
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        if pad_token_id is None or int(pad_token_id) < 0:
+            raise ValueError(f"pad_token_id must be a non-negative token id, got {pad_token_id!r}")
+        self.pad_token_id = int(pad_token_id)
+        self.padding_side = padding_side
+
+    def _pad(self, seqs: Sequence[torch.Tensor], value: float, side: str) -> torch.Tensor:
+        return pad_sequence(list(seqs), batch_first=True, padding_value=value, padding_side=side)
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if not samples:
+            raise ValueError("Collator got an empty list of samples")
+        ids = [str(s.get("id", "")) for s in samples]
+        for s, sid in zip(samples, ids):
+            missing = [k for k in (*_TEXT_KEYS, "volume", "slices", *_PER_IMAGE_KEYS) if k not in s]
+            if missing:
+                raise ValueError(f"sample {sid!r} lacks keys {missing}")
+
+        text = {k: [_as_1d(s[k], torch.long) for s in samples] for k in _TEXT_KEYS}
+        for s, sid, a, b, c in zip(samples, ids, text["input_ids"], text["labels"], text["attention_mask"]):
+            if not (len(a) == len(b) == len(c)):
+                raise ValueError(
+                    f"sample {sid!r}: input_ids, labels and attention_mask lengths differ ({len(a)}, {len(b)}, {len(c)})"
+                )
+        side = self.padding_side
+        q_mask = [torch.ones_like(q) for q in text["question_ids"]]
+        batch: dict[str, Any] = {
+            "input_ids": self._pad(text["input_ids"], self.pad_token_id, side),
+            "attention_mask": self._pad(text["attention_mask"], 0, side),
+            "labels": self._pad(text["labels"], IGNORE_INDEX, side),
+            "question_ids": self._pad(text["question_ids"], self.pad_token_id, "right"),
+            "question_mask": self._pad(q_mask, 0, "right"),
+        }
+        batch.update(self._images(samples, ids))
+        batch["ids"] = ids
+        batch["questions"] = [str(s.get("question", "")) for s in samples]
+        batch["targets"] = [str(s.get("target", "")) for s in samples]
+        batch["records"] = [s.get("record", {}) for s in samples]
+        return batch
+
+    def _images(self, samples: Sequence[dict[str, Any]], ids: list[str]) -> dict[str, torch.Tensor]:
+        volumes, owner, slices, lengths = [], [], [], []
+        per_image: dict[str, list[torch.Tensor]] = {k: [] for k in _PER_IMAGE_KEYS}
+        has_target = []
+        first_shape = None
+        for b, (s, sid) in enumerate(zip(samples, ids)):
+            vol = torch.as_tensor(s["volume"])
+            if vol.dim() != 5 or vol.shape[1] != 1:
+                raise ValueError(f"sample {sid!r}: volume must be [n_img, 1, D, H, W], got {tuple(vol.shape)}")
+            n_img = int(vol.shape[0])
+            if first_shape is None:
+                first_shape = (sid, tuple(vol.shape[2:]))
+            elif tuple(vol.shape[2:]) != first_shape[1]:
+                raise ValueError(
+                    f"volumes differ in size within a batch: sample {first_shape[0]!r} has D,H,W={first_shape[1]} "
+                    f"but sample {sid!r} has {tuple(vol.shape[2:])}; all volumes must be resized to data.size"
+                )
+            sl = torch.as_tensor(s["slices"])
+            if sl.dim() != 5 or sl.shape[0] != n_img or sl.shape[2] != 1:
+                raise ValueError(f"sample {sid!r}: slices must be [{n_img}, S, 1, h, w], got {tuple(sl.shape)}")
+            n_sl = int(sl.shape[1])
+            for k in _PER_IMAGE_KEYS:
+                t = torch.as_tensor(s[k])
+                if tuple(t.shape) != (n_img, n_sl):
+                    raise ValueError(f"sample {sid!r}: {k} must be [{n_img}, {n_sl}], got {tuple(t.shape)}")
+                per_image[k].extend(t.unbind(0))
+            hst = torch.as_tensor(s.get("has_slice_target", torch.zeros(n_img, dtype=torch.bool)), dtype=torch.bool)
+            if tuple(hst.shape) != (n_img,):
+                raise ValueError(f"sample {sid!r}: has_slice_target must be [{n_img}], got {tuple(hst.shape)}")
+            volumes.append(vol)
+            owner.extend([b] * n_img)
+            slices.extend(sl.unbind(0))
+            lengths.extend([n_sl] * n_img)
+            has_target.append(hst)
+
+        h_w = {tuple(x.shape[-2:]) for x in slices}
+        if len(h_w) > 1:
+            raise ValueError(f"slices differ in size within a batch: {sorted(h_w)}; all must be data.slice_size")
+        n_len = torch.tensor(lengths)
+        s_max = int(n_len.max())
+        return {
+            "volumes": torch.cat(volumes, 0),
+            "image_to_sample": torch.tensor(owner, dtype=torch.long),
+            "slices": self._pad(slices, 0.0, "right"),
+            "slice_mask": torch.arange(s_max)[None, :] < n_len[:, None],
+            "slice_plane": self._pad(per_image["slice_plane"], 0, "right").long(),
+            "slice_index": self._pad(per_image["slice_index"], 0, "right").long(),
+            "slice_pos": self._pad(per_image["slice_pos"], 0.0, "right").float(),
+            "slice_target": self._pad(per_image["slice_target"], 0.0, "right").float(),
+            "has_slice_target": torch.cat(has_target, 0),
+        }

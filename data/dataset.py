@@ -1,0 +1,216 @@
+"""StudyDataset: manifest records -> samples (volume, slices, prompt ids, labels, slice targets).
+
+    StudyDataset(records, data_cfg, tokenizer, num_image_tokens, train=False)[i] -> dict:
+      id: str
+      volume [n_img, 1, D, H, W] float; slices [n_img, S, 1, h, w] float
+      slice_plane [n_img, S] long; slice_index [n_img, S] long; slice_pos [n_img, S] float
+      input_ids, labels, attention_mask [L] long     (data/prompts.py: encode_example)
+      question_ids [Lq] long                          the question text alone, no special tokens
+      question, target: str                           (data/prompts.py: format_record)
+      slice_target [n_img, S] float; has_slice_target [n_img] bool
+      record: the manifest dict
+
+Volumes come from `medvlm3d.data.volume.load_study` with the record's CT rescale slope and
+intercept when its `meta` carries them. The sequence limit is `data_cfg.max_text_len` text
+tokens plus `n_img * num_image_tokens` image tokens.
+
+`slice_labels` (axial indices at the image's native depth; a list for all images of the record,
+or one list per image) become `slice_target`: axial slice j of image i is 1.0 when
+floor(slice_pos[i, j] * native_depth[i]) is a label; other planes are 0. `has_slice_target[i]`
+is True when the record has labels for image i and the image has axial slices.
+
+Every error while reading a record is a `DataError` naming the record id. With
+`data_cfg.skip_bad_records`, call `drop_bad_records()` once before training: it loads every
+record (`validate()`), logs and drops the bad ones, and returns how many it dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from .config import DataConfig
+from .errors import DataError
+from .prompts import encode_example, format_record, image_token_id
+
+logger = logging.getLogger(__name__)
+
+_SLOPE_KEYS = ("rescale_slope", "RescaleSlope", "slope")
+_INTERCEPT_KEYS = ("rescale_intercept", "RescaleIntercept", "intercept")
+
+
+def _rescale(rec: dict[str, Any], rid: str) -> tuple[float, float] | None:
+    """(slope, intercept) from the record's meta (CT-RATE), or None."""
+    meta = rec.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise DataError(f"record {rid!r}: 'meta' must be a mapping, got {type(meta).__name__}")
+    slope = next((meta[k] for k in _SLOPE_KEYS if meta.get(k) not in (None, "")), None)
+    inter = next((meta[k] for k in _INTERCEPT_KEYS if meta.get(k) not in (None, "")), None)
+    if slope is None and inter is None:
+        return None
+    try:
+        out = (float(1.0 if slope is None else slope), float(0.0 if inter is None else inter))
+    except (TypeError, ValueError) as e:
+        raise DataError(f"record {rid!r}: rescale slope/intercept must be numbers, got {slope!r}, {inter!r}") from e
+    if not all(math.isfinite(v) for v in out):
+        raise DataError(f"record {rid!r}: rescale slope/intercept must be finite, got {out}")
+    return out
+
+
+def slice_targets(
+    slice_labels: Any, slice_plane: torch.Tensor, slice_pos: torch.Tensor, native_depth: Sequence[int], rid: str = ""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slice_target [n_img, S] float, has_slice_target [n_img] bool); see the module docstring."""
+    n_img, n_sl = slice_pos.shape
+    target = torch.zeros(n_img, n_sl, dtype=torch.float32)
+    has = torch.zeros(n_img, dtype=torch.bool)
+    if slice_labels is None:
+        return target, has
+    if not isinstance(slice_labels, (list, tuple)):
+        raise DataError(f"record {rid!r}: 'slice_labels' must be a list of axial indices, got {slice_labels!r}")
+    nested = len(slice_labels) > 0 and all(isinstance(x, (list, tuple)) for x in slice_labels)
+    per_image = list(slice_labels) if nested else [slice_labels] * n_img
+    if len(per_image) != n_img:
+        raise DataError(f"record {rid!r}: 'slice_labels' holds {len(per_image)} lists for {n_img} images")
+    for i, labels in enumerate(per_image):
+        depth = int(native_depth[i])
+        try:
+            lab = torch.tensor(sorted({int(x) for x in labels}), dtype=torch.long)
+        except (TypeError, ValueError) as e:
+            raise DataError(f"record {rid!r}: 'slice_labels' must be integers, got {labels!r}") from e
+        if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= depth):
+            raise DataError(
+                f"record {rid!r}: slice_labels must lie in [0, {depth - 1}] (native axial depth of image {i}), "
+                f"got {lab.tolist()}"
+            )
+        axial = slice_plane[i] == 0
+        if not bool(axial.any()):
+            continue
+        native = torch.floor(slice_pos[i].double() * depth).long().clamp_(0, depth - 1)
+        target[i] = (torch.isin(native, lab) & axial).float()
+        has[i] = True
+    return target, has
+
+
+class StudyDataset(Dataset):
+    """Map-style dataset over manifest records (see data/readers.py for the record keys)."""
+
+    def __init__(
+        self,
+        records: Sequence[dict[str, Any]],
+        data_cfg: DataConfig,
+        tokenizer: Any,
+        num_image_tokens: int,
+        train: bool = False,
+    ) -> None:
+        if not isinstance(data_cfg, DataConfig):
+            raise ValueError(f"data_cfg must be a DataConfig, got {type(data_cfg).__name__}")
+        if int(num_image_tokens) < 1:
+            raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
+        image_token_id(tokenizer)  # fail early on a tokenizer without <image>
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer needs a pad token (tokenizer.pad_token)")
+        self.records = list(records)
+        self.cfg = data_cfg
+        self.tokenizer = tokenizer
+        self.num_image_tokens = int(num_image_tokens)
+        self.train = bool(train)
+        self.bad: list[tuple[str, str]] | None = None  # set by validate()
+        self._bad_index: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _id(self, i: int) -> str:
+        rec = self.records[i]
+        return str(rec.get("id", f"#{i}")) if isinstance(rec, dict) else f"#{i}"
+
+    def _task(self, rec: dict[str, Any]) -> str:
+        task = self.cfg.task
+        if task in ("", "vqa") and self.cfg.vqa_mode == "open" and rec.get("task") == "vqa":
+            return "vqa_open"
+        return task
+
+    def _load(self, rec: dict[str, Any], rid: str) -> Any:
+        from .volume import load_study  # imported late: volume.py pulls in MONAI
+
+        if not rec.get("image"):
+            raise DataError(f"record {rid!r}: 'image' is missing or empty")
+        kwargs: dict[str, Any] = {}
+        rescale = _rescale(rec, rid)
+        if rescale is not None:
+            kwargs["rescale"] = rescale
+        try:
+            return load_study(rec["image"], self.cfg, train=self.train, **kwargs)
+        except Exception as e:  # wrap any loader error so that it names the record
+            raise DataError(f"record {rid!r}: cannot load {rec['image']!r}: {e}") from e
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        rec = self.records[i]
+        rid = self._id(i)
+        if not isinstance(rec, dict):
+            raise DataError(f"record {rid!r}: must be a dict, got {type(rec).__name__}")
+        question, target = format_record(rec, self._task(rec))
+        study = self._load(rec, rid)
+        n_img = int(study.volume.shape[0])
+        enc = encode_example(
+            self.tokenizer,
+            question,
+            target,
+            self.num_image_tokens,
+            n_images=n_img,
+            max_len=self.cfg.max_text_len + n_img * self.num_image_tokens,
+            record_id=rid,
+        )
+        q_ids = self.tokenizer(question, add_special_tokens=False)["input_ids"] or [self.tokenizer.pad_token_id]
+        slice_target, has_target = slice_targets(
+            rec.get("slice_labels"), study.slice_plane, study.slice_pos, study.native_depth, rid
+        )
+        return {
+            "id": rid,
+            "volume": study.volume,
+            "slices": study.slices,
+            "slice_plane": study.slice_plane,
+            "slice_index": study.slice_index,
+            "slice_pos": study.slice_pos,
+            "input_ids": torch.tensor(enc["input_ids"], dtype=torch.long),
+            "labels": torch.tensor(enc["labels"], dtype=torch.long),
+            "attention_mask": torch.tensor(enc["attention_mask"], dtype=torch.long),
+            "question_ids": torch.tensor(q_ids, dtype=torch.long),
+            "question": question,
+            "target": target,
+            "slice_target": slice_target,
+            "has_slice_target": has_target,
+            "record": rec,
+        }
+
+    def validate(self) -> list[tuple[str, str]]:
+        """Read every record once; returns (id, message) for each bad one (also kept in `.bad`)."""
+        bad: list[tuple[str, str]] = []
+        self._bad_index = []
+        for i in range(len(self.records)):
+            try:
+                self[i]
+            except DataError as e:
+                bad.append((self._id(i), str(e)))
+                self._bad_index.append(i)
+        self.bad = bad
+        return bad
+
+    def drop_bad_records(self) -> int:
+        """Validate (if not done yet), log and drop the bad records; returns how many were dropped."""
+        bad = self.validate() if self.bad is None else self.bad
+        for rid, msg in bad:
+            logger.warning("skipping bad record %s: %s", rid, msg)
+        drop = set(self._bad_index)
+        before = len(self.records)
+        self.records = [r for i, r in enumerate(self.records) if i not in drop]
+        dropped = before - len(self.records)
+        if dropped:
+            logger.warning("dropped %d of %d records (data.skip_bad_records)", dropped, before)
+        self.bad, self._bad_index = [], []
+        return dropped

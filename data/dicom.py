@@ -1,0 +1,214 @@
+"""DICOM reading with pydicom 3: a series folder, or one multi-frame (enhanced) file.
+
+    read_dicom(path, plan) -> DicomVolume
+        array  float32 [X, Y, Z]: X = columns, Y = rows, Z = slices (frames) sorted along the
+               slice normal; values after RescaleSlope / RescaleIntercept (HU for CT)
+        affine float64 [4, 4]: voxel index (x, y, z) -> RAS world millimetres (MONAI / nibabel
+               convention), ready for `monai.transforms.Orientation`
+        modality "ct" | "mri" | "" (from the Modality tag; "" when neither CT nor MR)
+        shape  (X, Y, Z) as stored, before any oversize stride
+
+Why not MONAI's `PydicomReader`: with MONAI 1.6.1 it orders a series by InstanceNumber and
+takes the slice spacing from the z coordinate only, and for enhanced multi-frame files it falls
+back to an identity affine. Here slices are sorted by ImagePositionPatient projected on the
+slice normal (the cross product of the two ImageOrientationPatient direction cosines); file
+names and InstanceNumber are never used for the order (InstanceNumber only as a fallback, with
+a warning, when a file has no geometry at all).
+
+`plan(shape_xyz) -> strides_xyz` comes from the caller (see `volume.plan_strides`): it refuses
+or stride-subsamples an oversized series *before* any float array is allocated; only the kept
+slices / frames are decoded.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import iter_pixels
+
+from .errors import DataError
+
+logger = logging.getLogger(__name__)
+
+Plan = Callable[[tuple[int, int, int]], tuple[int, int, int]]
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+@dataclass
+class DicomVolume:
+    array: np.ndarray  # float32 [X, Y, Z]
+    affine: np.ndarray  # [4, 4] RAS
+    modality: str  # "ct" | "mri" | ""
+    shape: tuple[int, int, int]  # (X, Y, Z) as stored, before any oversize stride
+
+
+def is_dicom_file(path: Path) -> bool:
+    """True for a file with the DICOM preamble ('DICM' at byte 128)."""
+    return path.is_file() and pydicom.misc.is_dicom(str(path))
+
+
+def _modality(ds: Any) -> str:
+    return {"CT": "ct", "MR": "mri"}.get(str(ds.get("Modality", "")).upper(), "")
+
+
+def _item(ds: Any, seq: str) -> Any:
+    value = ds.get(seq)
+    return value[0] if value else None
+
+
+def _group_attr(ds: Any, frame: Any, seq: str, attr: str) -> Any:
+    """`attr` from the per-frame functional group, else the shared group, else the top level."""
+    for group in (frame, _item(ds, "SharedFunctionalGroupsSequence")):
+        item = _item(group, seq) if group is not None else None
+        if item is not None and attr in item:
+            return item.get(attr)
+    return ds.get(attr)
+
+
+def _rescale(ds: Any, frame: Any = None) -> tuple[float, float]:
+    slope = _group_attr(ds, frame, "PixelValueTransformationSequence", "RescaleSlope")
+    inter = _group_attr(ds, frame, "PixelValueTransformationSequence", "RescaleIntercept")
+    return float(1.0 if slope is None else slope), float(0.0 if inter is None else inter)
+
+
+def _affine(iop: Sequence[float], first: np.ndarray, step: np.ndarray, spacing: Sequence[float],
+            strides: tuple[int, int, int]) -> np.ndarray:
+    """RAS affine of the [X=columns, Y=rows, Z=slices] array (DICOM is LPS)."""
+    row_dir, col_dir = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * float(spacing[1]) * strides[0]  # along a row = increasing column index
+    lps[:3, 1] = col_dir * float(spacing[0]) * strides[1]  # down a column = increasing row index
+    lps[:3, 2] = step * strides[2]
+    lps[:3, 3] = first
+    return _LPS_TO_RAS @ lps
+
+
+def _order(positions: list[Any], iop: Any, fallback: list[int], where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(order, first position, step vector) from ImagePositionPatient along the slice normal."""
+    n = len(positions)
+    if iop is None or any(p is None for p in positions):
+        warnings.warn(f"{where}: ImagePositionPatient/ImageOrientationPatient missing; slices ordered by "
+                      "InstanceNumber and the affine assumes axial 1 mm slices", stacklevel=3)
+        return np.argsort(np.asarray(fallback), kind="stable"), np.zeros(3), np.array([0.0, 0.0, 1.0])
+    normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
+    pos = np.asarray(positions, dtype=float)
+    proj = pos @ normal
+    order = np.argsort(proj, kind="stable")
+    gaps = np.diff(proj[order])
+    if n > 1 and np.any(gaps < 1e-4):
+        k = int(np.argmin(gaps))
+        raise DataError(f"{where}: two slices lie at the same position ({proj[order][k]:.3f} mm along the slice "
+                        "normal); expected one volume per series (several acquisitions mixed?)")
+    step = (pos[order[-1]] - pos[order[0]]) / (n - 1) if n > 1 else normal
+    return order, pos[order[0]], step
+
+
+def _check_iop(iops: list[Any], where: str) -> Any:
+    known = [np.asarray(v, float) for v in iops if v is not None]
+    if known and any(not np.allclose(v, known[0], atol=1e-3) for v in known):
+        raise DataError(f"{where}: slices have different ImageOrientationPatient; expected one volume")
+    return known[0] if len(known) == len(iops) else None
+
+
+def read_series(folder: Path, plan: Plan) -> DicomVolume:
+    """A folder of single-frame DICOM files of one series (a lone multi-frame file also works)."""
+    headers: list[tuple[Path, Any]] = []
+    for f in sorted(p for p in folder.iterdir() if p.is_file() and p.name.upper() != "DICOMDIR"):
+        try:
+            headers.append((f, pydicom.dcmread(f, stop_before_pixels=True)))
+        except InvalidDicomError:
+            logger.debug("%s: not a DICOM file, skipped", f)
+        except Exception as e:  # truncated or damaged header
+            raise DataError(f"{f}: unreadable DICOM file: {type(e).__name__}: {e}") from e
+    if not headers:
+        subs = sum(1 for p in folder.iterdir() if p.is_dir())
+        hint = f" (it holds {subs} sub-folders: give one series folder)" if subs else ""
+        raise DataError(f"{folder}: no DICOM files found{hint}; expected a folder holding one DICOM series")
+    uids = sorted({str(ds.get("SeriesInstanceUID", "")) for _, ds in headers})
+    if len(uids) > 1:
+        raise DataError(f"{folder}: holds {len(uids)} different series (SeriesInstanceUID {', '.join(uids[:3])}"
+                        f"{' ...' if len(uids) > 3 else ''}); expected one series per folder")
+    if len(headers) == 1:
+        return read_multiframe(headers[0][0], plan)
+    shapes = {(int(ds.get("Rows", 0)), int(ds.get("Columns", 0))) for _, ds in headers}
+    if len(shapes) > 1:
+        raise DataError(f"{folder}: slices have different sizes {sorted(shapes)}; expected one volume")
+    rows, cols = shapes.pop()
+    iop = _check_iop([ds.get("ImageOrientationPatient") for _, ds in headers], str(folder))
+    order, first, step = _order([ds.get("ImagePositionPatient") for _, ds in headers], iop,
+                                [int(ds.get("InstanceNumber", 0) or 0) for _, ds in headers], str(folder))
+    sx, sy, sz = plan((cols, rows, len(headers)))
+    keep = order[::sz]
+    out = np.empty((len(keep), len(range(0, rows, sy)), len(range(0, cols, sx))), dtype=np.float32)
+    for i, k in enumerate(keep):
+        f = headers[k][0]
+        ds = pydicom.dcmread(f)
+        if not any(t in ds for t in _PIXEL_TAGS):
+            raise DataError(f"{f}: DICOM file has no pixel data; expected an image slice")
+        try:
+            arr = ds.pixel_array
+        except Exception as e:
+            raise DataError(f"{f}: cannot decode DICOM pixel data: {type(e).__name__}: {e}") from e
+        if arr.shape != (rows, cols):
+            raise DataError(f"{f}: expected one {rows}x{cols} grey slice, got pixel array {arr.shape}")
+        slope, inter = _rescale(ds)
+        out[i] = arr[::sy, ::sx].astype(np.float32) * slope + inter
+    spacing = headers[0][1].get("PixelSpacing") or (1.0, 1.0)
+    affine = _affine(iop if iop is not None else (1, 0, 0, 0, 1, 0), first, step, spacing, (sx, sy, sz))
+    return DicomVolume(out.transpose(2, 1, 0), affine, _modality(headers[0][1]), (cols, rows, len(headers)))
+
+
+def read_multiframe(path: Path, plan: Plan) -> DicomVolume:
+    """One multi-frame (e.g. Enhanced CT / MR) DICOM file; frames are sorted like a series."""
+    try:
+        ds = pydicom.dcmread(path, defer_size="256 KB")
+    except Exception as e:
+        raise DataError(f"{path}: unreadable DICOM file: {type(e).__name__}: {e}") from e
+    if not any(t in ds for t in _PIXEL_TAGS):
+        raise DataError(f"{path}: DICOM file has no pixel data; expected an image volume")
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    if n < 2:
+        raise DataError(f"{path}: a single 2D DICOM slice; expected a 3D volume (give the folder holding "
+                        "the whole series, or a multi-frame file)")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise DataError(f"{path}: colour DICOM ({ds.SamplesPerPixel} samples per pixel); expected grey values")
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    per = list(ds.get("PerFrameFunctionalGroupsSequence") or [None] * n)
+    if len(per) != n:
+        raise DataError(f"{path}: {len(per)} per-frame groups for NumberOfFrames={n}")
+    iops = [_group_attr(ds, fr, "PlaneOrientationSequence", "ImageOrientationPatient") for fr in per]
+    iop = _check_iop(iops, str(path))
+    positions = [_group_attr(ds, fr, "PlanePositionSequence", "ImagePositionPatient") for fr in per]
+    if iop is not None and all(p is None for p in positions) and ds.get("ImagePositionPatient") is not None:
+        gap = float(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1.0)
+        normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
+        positions = [np.asarray(ds.ImagePositionPatient, float) + k * gap * normal for k in range(n)]
+    order, first, step = _order(positions, iop, list(range(n)), str(path))
+    sx, sy, sz = plan((cols, rows, n))
+    keep = order[::sz]
+    out = np.empty((len(keep), len(range(0, rows, sy)), len(range(0, cols, sx))), dtype=np.float32)
+    slot = {int(k): i for i, k in enumerate(keep)}
+    try:  # frames are decoded one at a time straight from the file
+        for k, arr in zip(sorted(slot), iter_pixels(path, indices=sorted(slot))):
+            slope, inter = _rescale(ds, per[k])
+            out[slot[k]] = arr[::sy, ::sx].astype(np.float32) * slope + inter
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{path}: cannot decode DICOM pixel data: {type(e).__name__}: {e}") from e
+    spacing = _group_attr(ds, per[0], "PixelMeasuresSequence", "PixelSpacing") or (1.0, 1.0)
+    affine = _affine(iop if iop is not None else (1, 0, 0, 0, 1, 0), first, step, spacing, (sx, sy, sz))
+    return DicomVolume(out.transpose(2, 1, 0), affine, _modality(ds), (cols, rows, n))
+
+
+def read_dicom(path: Path, plan: Plan) -> DicomVolume:
+    """A series folder or a multi-frame file -> DicomVolume (see the module docstring)."""
+    return read_series(path, plan) if path.is_dir() else read_multiframe(path, plan)

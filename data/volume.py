@@ -1,0 +1,545 @@
+"""Volumes: NIfTI / DICOM / M3D .npy -> oriented, normalised, resized tensors and slice views.
+
+    load_volume(path, size=(D, H, W), modality="auto", **options) -> float32 [1, D, H, W] in [0, 1]
+    load_volume_from_config(path, cfg: DataConfig, rescale=None)  -> float32 [1, D, H, W]
+    slice_views(volume [1, D, H, W], slice_size=(h, w), planes=("axial",), num_slices=0)
+        -> slices [S, 1, h, w], plane [S] long, index [S] long, pos [S] float
+    load_study(path | [paths], cfg, train=False, rescale=None) -> Study
+        volume [n_img, 1, D, H, W]; slices [n_img, S, 1, h, w]; slice_plane / slice_index /
+        slice_pos [n_img, S]; native_depth list[int] (axial count of the RAS volume as stored)
+    build_transforms(cfg, train=False) -> monai Compose over {"image": MetaTensor [1, X, Y, Z], ...}
+
+Reading (`_read`): NIfTI with MONAI `LoadImage(NibabelReader)` (nibabel applies the header's
+scl_slope/scl_inter); a DICOM series folder or a multi-frame DICOM file with pydicom
+(`data/dicom.py`: sorted along the slice normal, RescaleSlope/Intercept applied); M3D `.npy`
+(`np.load(allow_pickle=False)`, [1, D, H, W] or [D, H, W], already in [0, 1] and passed through).
+Inputs over `max_voxels` are refused or stride-subsampled *before* conversion to float.
+
+Axes: MONAI's RAS array [C, X, Y, Z] is permuted to [C, Z, Y, X]: D runs inferior -> superior,
+H posterior -> anterior, W left -> right (index grows toward the patient's right, RAS+).
+Axial slices index D, coronal H, sagittal W (plane ids 0, 1, 2); coronal slices are [D, W]
+images and sagittal slices [D, H] images; pos = (index + 0.5) / n.
+
+Modality "auto": the DICOM Modality tag (CT / MR); otherwise CT when a CSV `rescale` is given or
+the minimum value is below -100 (HU air / fat), else MRI. CT: HU window clipped to [0, 1]
+(ScaleIntensityRange); MRI: percentile min-max (ScaleIntensityRangePercentiles); npy: as is.
+A constant volume gives zeros (with a warning).
+
+CT-RATE rescale trap: `rescale=(slope, intercept)` (from the dataset's metadata CSV) is applied
+only to NIfTI data that is not yet in HU: never when the NIfTI header carries its own
+scl_slope/scl_inter (nibabel has already applied them) or for DICOM (its own tags are used);
+otherwise only when the values look like raw stored values: the 1st percentile of the voxels
+above the minimum (the minimum itself may be an out-of-field padding value) is >= -100 (no HU
+air) and the maximum is > 1500. HU data has air near -1000 and is left as it is.
+
+`num_slices` -1: axial slices come from the normalised volume at its native depth (capped at
+`max_slices`), before the resize; all images of a study are resampled to the first image's S.
+Coronal / sagittal planes always come from the resized volume. `crop_foreground` crops H and W
+only, so axial indices stay native. Augmentation (train=True and cfg.augment) runs after the
+cache: an in-plane RandAffine rotation/scale shared by the volume and the native axial stack,
+intensity scale/shift and noise; never a left/right flip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Hashable, Mapping, Sequence, Union
+
+import nibabel as nib
+import numpy as np
+import torch
+from einops import rearrange
+from monai.data import MetaTensor, NibabelReader
+from monai.transforms import (Compose, EnsureTyped, Lambdad, LoadImage, MapTransform, Orientationd, RandAffine,
+                              RandGaussianNoised, Randomizable, RandScaleIntensityd, RandShiftIntensityd, Resize,
+                              ScaleIntensityRange, ScaleIntensityRangePercentiles, SpatialCrop, Transposed)
+from monai.transforms.utils import generate_spatial_bounding_box
+from safetensors.torch import load_file, save_file
+
+from .config import PLANES, DataConfig
+from .dicom import is_dicom_file, read_dicom
+from .errors import DataError
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+CACHE_VERSION = 1
+PREPROCESS_FIELDS = ("size", "slice_size", "num_slices", "max_slices", "planes", "modality", "hu_window",
+                     "mri_percentiles", "crop_foreground", "max_voxels", "oversize")
+RAW_MIN, RAW_MAX = -100.0, 1500.0  # the HU-detection thresholds of the rescale rule
+
+
+@dataclass
+class Study:
+    """All images (series) of one study, preprocessed; see the module docstring for shapes."""
+
+    volume: torch.Tensor
+    slices: torch.Tensor
+    slice_plane: torch.Tensor
+    slice_index: torch.Tensor
+    slice_pos: torch.Tensor
+    native_depth: list[int]
+
+
+# ------------------------------------------------------------------------------------- reading
+
+
+def plan_strides(shape: Sequence[int], max_voxels: int, oversize: str, where: str) -> tuple[int, ...]:
+    """Integer strides that bring `shape` under `max_voxels` (longest axis first), or DataError."""
+    n = math.prod(shape)
+    if n <= max_voxels:
+        return (1,) * len(shape)
+    if oversize == "refuse":
+        raise DataError(f"{where}: {tuple(shape)} = {n} voxels exceeds max_voxels={max_voxels} (oversize='refuse')")
+    strides = [1] * len(shape)
+    extent = lambda: [math.ceil(s / st) for s, st in zip(shape, strides)]  # noqa: E731
+    while math.prod(extent()) > max_voxels:
+        strides[int(np.argmax(extent()))] += 1
+    logger.warning("%s: %s voxels over max_voxels=%d; stride-subsampled by %s", where, tuple(shape), max_voxels, strides)
+    return tuple(strides)
+
+
+def _check_spatial(shape: Sequence[int], where: str) -> None:
+    if len(shape) < 3 or min(shape[:3]) < 2:
+        raise DataError(f"{where}: a 2D image of shape {tuple(shape)}; expected a 3D volume")
+
+
+@functools.lru_cache(maxsize=1)
+def _nifti_loader() -> LoadImage:
+    """MONAI LoadImage with NibabelReader -> MetaTensor [1, X, Y, Z] float32 with the file's affine."""
+    reader = NibabelReader(squeeze_non_spatial_dims=True)
+    return LoadImage(reader=reader, image_only=True, ensure_channel_first=True, dtype=np.float32)
+
+
+def _read_nifti(path: Path, plan: Any) -> tuple[MetaTensor, tuple[int, ...], bool]:
+    img = nib.load(str(path))  # lazy: header only
+    shape = tuple(int(s) for s in img.shape)
+    _check_spatial(shape, str(path))
+    if math.prod(shape[3:]) > 1:
+        raise DataError(f"{path}: a {len(shape)}D image {shape} with {math.prod(shape[3:])} time points or channels; "
+                        "expected one 3D volume")
+    header_scaled = (float(img.dataobj.slope), float(img.dataobj.inter)) != (1.0, 0.0)
+    strides = plan(shape[:3])
+    if strides == (1, 1, 1):
+        image = _nifti_loader()(str(path))
+    else:
+        slicer = tuple(slice(None, None, s) for s in strides) + (0,) * (len(shape) - 3)
+        arr = np.asarray(img.dataobj[slicer], dtype=np.float32)
+        affine = np.array(img.affine, dtype=np.float64)
+        affine[:3, :3] *= np.asarray(strides, dtype=np.float64)
+        image = MetaTensor(torch.from_numpy(arr)[None], affine=torch.as_tensor(affine), meta={"space": "RAS"})
+    return image, shape[:3], header_scaled
+
+
+def _read_npy(path: Path, plan: Any) -> tuple[MetaTensor, tuple[int, ...]]:
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        raise DataError(f"{path}: not a numeric .npy array (object arrays are never unpickled): {e}") from e
+    if arr.dtype.kind not in "fiu":
+        raise DataError(f"{path}: .npy dtype {arr.dtype}; expected float or integer voxels")
+    if arr.ndim == 4 and arr.shape[0] > 1:
+        raise DataError(f"{path}: .npy shape {arr.shape} has {arr.shape[0]} channels; expected [1, D, H, W]")
+    if arr.ndim not in (3, 4):
+        raise DataError(f"{path}: .npy shape {arr.shape}; expected [1, D, H, W] (M3D) or [D, H, W]")
+    vol = arr[0] if arr.ndim == 4 else arr
+    _check_spatial(vol.shape, str(path))
+    sd, sh, sw = plan(vol.shape)
+    data = np.asarray(vol[::sd, ::sh, ::sw], dtype=np.float32)
+    lo, hi = float(data.min()), float(data.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise DataError(f"{path}: M3D .npy values must already lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
+    data = np.clip(data, 0.0, 1.0).transpose(2, 1, 0)  # [D, H, W] -> RAS-like [X, Y, Z]
+    image = MetaTensor(torch.from_numpy(np.ascontiguousarray(data))[None], meta={"space": "RAS"})
+    return image, vol.shape[::-1]
+
+
+def _robust_low(t: torch.Tensor) -> float:
+    """1st percentile of the voxels above the minimum, on a subsample of <= ~1M voxels."""
+    flat = t.reshape(-1)[:: max(1, t.numel() // 1_000_000)].float()
+    above = flat[flat > flat.min()]
+    return float(torch.quantile(above, 0.01)) if above.numel() else float(flat.min())
+
+
+def looks_raw_ct(t: torch.Tensor) -> bool:
+    """True when CT values look like raw stored values (not yet HU); see the module docstring."""
+    return _robust_low(t) >= RAW_MIN and float(t.max()) > RAW_MAX
+
+
+def _read(path: Path, cfg: DataConfig, rescale: tuple[float, float] | None = None) -> dict[str, Any]:
+    """-> {"image": MetaTensor [1, X, Y, Z] float32 (RAS affine), "modality", "native_depth", "path"}."""
+    if not path.exists():
+        raise DataError(f"{path}: file or folder not found")
+    plan = functools.partial(plan_strides, max_voxels=cfg.max_voxels, oversize=cfg.oversize, where=str(path))
+    name, tag_modality, header_scaled, kind = path.name.lower(), "", False, "nifti"
+    try:
+        if path.is_dir() or name.endswith(".dcm") or is_dicom_file(path):
+            dv = read_dicom(path, plan)
+            kind, tag_modality, native = "dicom", dv.modality, dv.shape
+            image = MetaTensor(torch.from_numpy(dv.array)[None], affine=torch.as_tensor(dv.affine), meta={"space": "RAS"})
+        elif name.endswith((".nii", ".nii.gz")):
+            image, native, header_scaled = _read_nifti(path, plan)
+        elif name.endswith(".npy"):
+            kind = "npy"
+            image, native = _read_npy(path, plan)
+        else:
+            raise DataError(f"{path}: unknown volume format; expected .nii/.nii.gz, .npy, a DICOM folder or file")
+    except DataError:
+        raise
+    except Exception as e:  # corrupt / truncated files surface as many exception types
+        raise DataError(f"{path}: cannot read the volume ({type(e).__name__}: {e})") from e
+    finite = torch.isfinite(image)
+    if not bool(finite.all()):
+        raise DataError(f"{path}: {int((~finite).sum())} NaN or Inf voxels; expected finite values")
+    if rescale is not None and kind != "nifti":
+        logger.info("%s: rescale %s ignored for %s input (DICOM tags are used; npy is normalised)", path, rescale, kind)
+    elif rescale is not None and tuple(rescale) != (1.0, 0.0):
+        if header_scaled:
+            logger.info("%s: NIfTI header scl_slope/scl_inter already applied; rescale %s ignored", path, rescale)
+        elif looks_raw_ct(image.as_tensor()):
+            image = image * float(rescale[0]) + float(rescale[1])
+        else:
+            logger.info("%s: values already look like HU; rescale %s not applied", path, rescale)
+    if kind == "npy":
+        modality = "unit"
+    elif cfg.modality != "auto":
+        modality = cfg.modality
+    else:
+        modality = tag_modality or ("ct" if rescale is not None or float(image.min()) < RAW_MIN else "mri")
+    z_axis = [int(a) for a in nib.orientations.io_orientation(image.affine.numpy())[:, 0]].index(2)
+    return {"image": image, "modality": modality, "native_depth": int(native[z_axis]), "path": str(path)}
+
+
+# ---------------------------------------------------------------------------------- transforms
+
+
+def _resize(img: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """[C, *spatial] -> [C, *size]: MONAI Resize, "area" on shrinking axes then "trilinear" on growing ones."""
+    size = tuple(int(s) for s in size)
+    shape = tuple(img.shape[1:])
+    shrunk = tuple(min(s, t) for s, t in zip(shape, size))
+    if shrunk != shape:
+        img = Resize(shrunk, mode="area")(img)
+    if shrunk != size:
+        img = Resize(size, mode="trilinear" if len(size) == 3 else "bilinear", align_corners=False)(img)
+    return img.as_tensor() if isinstance(img, MetaTensor) else img
+
+
+class _Intensityd(MapTransform):
+    """CT window / MRI percentiles / pass-through, by `data["modality"]`; constant -> zeros."""
+
+    def __init__(self, keys: Any, hu_window: Sequence[float], mri_percentiles: Sequence[float]) -> None:
+        super().__init__(keys)
+        self.ct = ScaleIntensityRange(a_min=hu_window[0], a_max=hu_window[1], b_min=0.0, b_max=1.0, clip=True)
+        self.mri = ScaleIntensityRangePercentiles(mri_percentiles[0], mri_percentiles[1], 0.0, 1.0, clip=True)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if float(img.max()) == float(img.min()):
+                warnings.warn(f"{d.get('path', key)}: constant volume ({float(img.min())}); normalised to zeros")
+                d[key] = torch.zeros_like(img)
+            elif d.get("modality") == "ct":
+                d[key] = self.ct(img)
+            elif d.get("modality") == "mri":
+                d[key] = self.mri(img)
+        return d
+
+
+class _CropForegroundHWd(MapTransform):
+    """Crop H and W to the voxels above `threshold` (+ margin); D is kept whole (native axial indices)."""
+
+    def __init__(self, keys: Any, threshold: float = 0.05, margin: int = 2) -> None:
+        super().__init__(keys)
+        self.threshold, self.margin = threshold, margin
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            start, end = generate_spatial_bounding_box(img, lambda x: x > self.threshold, margin=self.margin)
+            if any(e - s < 2 for s, e in zip(start[1:], end[1:])):
+                continue  # no foreground: keep the whole volume
+            d[key] = SpatialCrop(roi_start=[0, *start[1:]], roi_end=[img.shape[1], *end[1:]])(img)
+        return d
+
+
+class _Resized(MapTransform):
+    def __init__(self, keys: Any, size: Sequence[int]) -> None:
+        super().__init__(keys)
+        self.size = tuple(size)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = _resize(d[key], self.size)
+        return d
+
+
+class _AxialStackd(MapTransform):
+    """d["stack"] = [1, S, h, w]: native axial slices (S = min(D, max_slices)) of d["image"]."""
+
+    def __init__(self, keys: Any, slice_size: Sequence[int], max_slices: int) -> None:
+        super().__init__(keys)
+        self.slice_size, self.max_slices = tuple(slice_size), int(max_slices)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        img = d[self.keys[0]]
+        d["stack"] = _resize(img, (min(int(img.shape[1]), self.max_slices), *self.slice_size))
+        return d
+
+
+class _SharedRandAffined(Randomizable, MapTransform):
+    """RandAffine with the same random draw on keys of different spatial sizes (RandAffined builds
+    one grid from the first key, so it cannot serve a volume and a slice stack together)."""
+
+    def __init__(self, keys: Any, **kwargs: Any) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys=True)
+        self.affine = RandAffine(**kwargs)
+        self._seed = 0
+
+    def randomize(self, data: Any = None) -> None:
+        self._seed = int(self.R.randint(2**31 - 1))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize()
+        for key in self.key_iterator(d):
+            self.affine.set_random_state(seed=self._seed)
+            d[key] = self.affine(d[key])
+        return d
+
+
+def _preprocess(cfg: DataConfig) -> list[Any]:
+    out: list[Any] = [
+        Orientationd(keys="image", axcodes="RAS", labels=None),  # labels from the meta "space" (RAS)
+        Transposed(keys="image", indices=(0, 3, 2, 1)),  # [C, X, Y, Z] -> [C, Z, Y, X] = [1, D, H, W]
+        _Intensityd(keys="image", hu_window=cfg.hu_window, mri_percentiles=cfg.mri_percentiles),
+    ]
+    if cfg.crop_foreground:
+        out.append(_CropForegroundHWd(keys="image"))
+    if cfg.num_slices == -1 and "axial" in cfg.planes:
+        out.append(_AxialStackd(keys="image", slice_size=cfg.slice_size, max_slices=cfg.max_slices))
+    out += [_Resized(keys="image", size=cfg.size),
+            EnsureTyped(keys=["image", "stack"], dtype=torch.float32, track_meta=False, allow_missing_keys=True)]
+    return out
+
+
+def _augment() -> list[Any]:
+    keys = ["image", "stack"]
+    return [
+        _SharedRandAffined(keys, prob=0.5, rotate_range=(math.radians(10), 0.0, 0.0), scale_range=(0.08,) * 3,
+                           mode="bilinear", padding_mode="zeros"),  # rotation about D only: in-plane
+        RandScaleIntensityd(keys, factors=0.1, prob=0.5, allow_missing_keys=True),
+        RandShiftIntensityd(keys, offsets=0.05, prob=0.5, allow_missing_keys=True),
+        RandGaussianNoised("image", prob=0.3, std=0.01, allow_missing_keys=True),
+        RandGaussianNoised("stack", prob=0.3, std=0.01, allow_missing_keys=True),
+        Lambdad(keys, functools.partial(torch.clamp, min=0.0, max=1.0), allow_missing_keys=True),
+        EnsureTyped(keys, dtype=torch.float32, track_meta=False, allow_missing_keys=True),
+    ]
+
+
+def build_transforms(cfg: DataConfig, train: bool = False) -> Compose:
+    """The MONAI dictionary Compose: orient, normalise, (crop), (native axial stack), resize, then
+    (train and cfg.augment) augmentation. Input: `_read`'s dict; output "image" [1, D, H, W]."""
+    return Compose(_preprocess(cfg) + (_augment() if train and cfg.augment else []))
+
+
+def _cfg_key(cfg: DataConfig) -> str:
+    return json.dumps({f: getattr(cfg, f) for f in PREPROCESS_FIELDS}, sort_keys=True, default=list)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_transforms(key: str) -> Compose:
+    cfg = DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(key).items()})
+    return build_transforms(cfg, train=False)
+
+
+def _transforms(cfg: DataConfig) -> Compose:
+    """The (cached) eval Compose of `cfg`; augmentation is applied separately, after the cache."""
+    return _cached_transforms(_cfg_key(cfg))
+
+
+# -------------------------------------------------------------------------------------- public
+
+
+def load_volume_from_config(path: PathLike, cfg: DataConfig, rescale: tuple[float, float] | None = None) -> torch.Tensor:
+    """One volume -> float32 [1, D, H, W] in [0, 1], preprocessed as `cfg` says (no augmentation)."""
+    flat = dataclasses.replace(cfg, num_slices=0)  # no native slice stack needed here
+    return _transforms(flat)(_read(Path(path), flat, rescale))["image"]
+
+
+def load_volume(
+    path: PathLike,
+    size: Sequence[int] = DataConfig.size,
+    modality: str = "auto",
+    *,
+    hu_window: Sequence[float] = DataConfig.hu_window,
+    mri_percentiles: Sequence[float] = DataConfig.mri_percentiles,
+    crop_foreground: bool = False,
+    max_voxels: int = DataConfig.max_voxels,
+    oversize: str = "downsample",
+    rescale: tuple[float, float] | None = None,
+) -> torch.Tensor:
+    """NIfTI file, DICOM folder, multi-frame DICOM file or M3D .npy -> float32 [1, D, H, W] in [0, 1]."""
+    cfg = DataConfig(size=tuple(size), modality=modality, hu_window=tuple(hu_window), oversize=oversize,
+                     mri_percentiles=tuple(mri_percentiles), crop_foreground=crop_foreground, max_voxels=max_voxels)
+    return load_volume_from_config(path, cfg, rescale)
+
+
+def _plane_views(volume: torch.Tensor, plane: int, slice_size: Sequence[int], n: int) -> tuple[torch.Tensor, ...]:
+    n = int(volume.shape[1 + plane]) if n <= 0 else int(n)
+    h, w = slice_size
+    target = [(n, h, w), (h, n, w), (h, w, n)][plane]
+    pattern = ["1 n h w -> n 1 h w", "1 h n w -> n 1 h w", "1 h w n -> n 1 h w"][plane]
+    slices = rearrange(_resize(volume, target), pattern).contiguous()
+    index = torch.arange(n, dtype=torch.long)
+    return slices, torch.full((n,), plane, dtype=torch.long), index, (index.float() + 0.5) / n
+
+
+def slice_views(
+    volume: torch.Tensor,
+    slice_size: Sequence[int] = DataConfig.slice_size,
+    planes: Sequence[str] = ("axial",),
+    num_slices: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[1, D, H, W] -> (slices [S, 1, h, w], plane [S], index [S], pos [S]); num_slices 0 (or -1)
+    keeps each axis' length, N > 0 resamples each plane to N slices."""
+    if not isinstance(volume, torch.Tensor) or volume.dim() != 4 or volume.shape[0] != 1:
+        raise ValueError(f"volume must be a tensor [1, D, H, W], got {getattr(volume, 'shape', type(volume))}")
+    if len(slice_size) != 2 or any(int(s) < 1 for s in slice_size):
+        raise ValueError(f"slice_size must be two positive integers (h, w), got {slice_size!r}")
+    if not planes or any(p not in PLANES for p in planes):
+        raise ValueError(f"planes must be a non-empty subset of {PLANES}, got {planes!r}")
+    if int(num_slices) < -1:
+        raise ValueError(f"num_slices must be -1, 0 or positive, got {num_slices}")
+    views = [_plane_views(volume.float(), PLANES.index(p), slice_size, int(num_slices)) for p in planes]
+    return tuple(torch.cat(parts) for parts in zip(*views))  # type: ignore[return-value]
+
+
+def _study_slices(d: Mapping[str, Any], cfg: DataConfig) -> tuple[torch.Tensor, ...]:
+    """Slices of one preprocessed image dict: the native axial stack when num_slices == -1."""
+    views = []
+    for p in cfg.planes:
+        if p == "axial" and "stack" in d:
+            stack = d["stack"]
+            n = int(stack.shape[1])
+            index = torch.arange(n, dtype=torch.long)
+            views.append((rearrange(stack, "1 n h w -> n 1 h w"), torch.zeros(n, dtype=torch.long), index,
+                          (index.float() + 0.5) / n))
+        else:
+            views.append(slice_views(d["image"], cfg.slice_size, (p,), max(cfg.num_slices, 0)))
+    return tuple(torch.cat(parts) for parts in zip(*views))
+
+
+def _assemble(dicts: list[dict[str, Any]], cfg: DataConfig, native: list[int]) -> Study:
+    if "stack" in dicts[0]:  # one S per study: resample to the first image's native axial count
+        n0 = int(dicts[0]["stack"].shape[1])
+        for d in dicts[1:]:
+            d["stack"] = _resize(d["stack"], (n0, *cfg.slice_size)).float()
+    parts = [_study_slices(d, cfg) for d in dicts]
+    s, pl, ix, ps = (torch.stack(x) for x in zip(*parts))
+    return Study(torch.stack([d["image"] for d in dicts]), s, pl, ix, ps, native)
+
+
+def _to_dicts(study: Study, cfg: DataConfig) -> list[dict[str, Any]]:
+    out = []
+    for i in range(study.volume.shape[0]):
+        d: dict[str, Any] = {"image": study.volume[i]}
+        axial = study.slice_plane[i] == 0
+        if cfg.num_slices == -1 and bool(axial.any()):
+            d["stack"] = rearrange(study.slices[i][axial], "n 1 h w -> 1 n h w")
+        out.append(d)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- cache
+
+
+def _fingerprint(p: Path) -> list[Any]:
+    st = p.stat()
+    entry: list[Any] = [str(p.resolve()), st.st_size, st.st_mtime_ns]
+    if p.is_dir():
+        entry.append(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(p) if e.is_file()))
+    return entry
+
+
+def cache_key(paths: Sequence[Path], cfg: DataConfig, rescale: Any = None) -> str:
+    """sha256 of (version, absolute paths, sizes, mtimes, preprocessing fields of cfg, rescale)."""
+    payload = {"v": CACHE_VERSION, "files": [_fingerprint(p) for p in paths], "cfg": _cfg_key(cfg),
+               "rescale": list(rescale) if rescale is not None else None}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _cache_read(path: Path) -> Study | None:
+    if not path.is_file():
+        return None
+    try:
+        t = load_file(str(path))
+        study = Study(t["volume"], t["slices"], t["slice_plane"], t["slice_index"], t["slice_pos"],
+                      [int(x) for x in t["native_depth"].tolist()])
+        n = study.volume.shape[0]
+        if study.slices.shape[:1] != (n,) or len(study.native_depth) != n or study.slice_pos.shape != study.slice_plane.shape:
+            raise ValueError("inconsistent tensor shapes")
+        return study
+    except Exception as e:
+        logger.warning("%s: unreadable cache file (%s: %s); deleted and recomputed", path, type(e).__name__, e)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _cache_write(path: Path, study: Study) -> None:
+    tensors = {f.name: getattr(study, f.name) for f in dataclasses.fields(Study) if f.name != "native_depth"}
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    tensors["native_depth"] = torch.tensor(study.native_depth, dtype=torch.long)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+        os.close(fd)
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        logger.warning("%s: cannot write cache file (%s)", path, e)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def load_study(
+    path: PathLike | Sequence[PathLike], cfg: DataConfig, train: bool = False,
+    rescale: tuple[float, float] | None = None,
+) -> Study:
+    """One study (a path, or a list of series paths) -> Study; cached when cfg.cache_dir is set."""
+    if not isinstance(cfg, DataConfig):
+        raise ValueError(f"cfg must be a DataConfig, got {type(cfg).__name__}")
+    paths = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(p) for p in path]
+    if not paths:
+        raise DataError("load_study: empty list of image paths")
+    for p in paths:
+        if not p.exists():
+            raise DataError(f"{p}: file or folder not found")
+    cache = Path(cfg.cache_dir) / f"{cache_key(paths, cfg, rescale)}.safetensors" if cfg.cache_dir else None
+    study = _cache_read(cache) if cache is not None else None
+    if study is None:
+        tf = _transforms(cfg)
+        raw = [_read(p, cfg, rescale) for p in paths]
+        study = _assemble([tf(r) for r in raw], cfg, [r["native_depth"] for r in raw])
+        if cache is not None:
+            _cache_write(cache, study)
+    if train and cfg.augment:
+        aug = Compose(_augment())
+        aug.set_random_state(seed=int(torch.randint(0, 2**31 - 1, ()).item()))  # per-worker torch seed
+        study = _assemble([aug(d) for d in _to_dicts(study, cfg)], cfg, study.native_depth)
+    return study

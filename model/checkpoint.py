@@ -1,0 +1,176 @@
+"""Self-describing checkpoint folders: save_pretrained / load_pretrained.
+
+    <dir>/
+      config.yaml         the full RunConfig (read back with yaml.safe_load)
+      checkpoint.json     format version, how the LLM is stored, visual token count
+      model.safetensors   every weight outside the LLM (encoders, inter-slice, TG-IS, projectors)
+      llm/                the base LLM as a plain HF folder (merged with LoRA when asked), unless it
+                          is a frozen external folder named in config.yaml
+      adapter/            the PEFT LoRA adapter (when LoRA is used and not merged)
+      tokenizer/          the tokenizer, <image> token included
+
+Writes are atomic: everything goes to a hidden sibling folder, which is renamed into place; an
+older folder of the same name is moved aside first and removed only after the rename. Nothing
+is unpickled when loading: safetensors, YAML via safe_load, and HF/PEFT's safetensors files.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from medvlm3d.data.config import load_config, save_config
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+LLM_PREFIX = "llm."
+
+
+def _has_lora(llm: torch.nn.Module) -> bool:
+    return hasattr(llm, "peft_config")
+
+
+def non_llm_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """All parameters and buffers outside the LLM, contiguous and unshared (for safetensors)."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith(LLM_PREFIX) or name.startswith("text_encoder."):
+            continue
+        state[name] = tensor.detach().cpu().contiguous().clone()
+    return state
+
+
+def _atomic_dir_swap(tmp: Path, final: Path) -> None:
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in path.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def save_pretrained(model: Any, path: str | os.PathLike, merge_lora: bool = False, save_base_llm: str = "auto") -> Path:
+    """Write `model` (a MedVLM) to the folder `path`, atomically.
+
+    merge_lora: merge the adapter into the LLM and store it as a standalone `llm/`.
+    save_base_llm: "auto" stores `llm/` unless the LLM comes from an external folder that was
+        not trained (frozen or LoRA-only); "always" / "never" force it.
+    """
+    if save_base_llm not in ("auto", "always", "never"):
+        raise ValueError(f"save_base_llm must be auto | always | never, got {save_base_llm!r}")
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        cfg = copy.deepcopy(model.cfg)
+        llm = model.llm
+        lora = _has_lora(llm)
+        external = bool(cfg.model.llm.path) and cfg.model.trainable.llm in ("frozen", "lora")
+        if merge_lora and lora:
+            merged = copy.deepcopy(llm).merge_and_unload()
+            merged.save_pretrained(tmp / "llm", safe_serialization=True)
+            layout = "merged"
+            cfg.model.trainable.llm = "full" if cfg.model.trainable.llm == "lora" else cfg.model.trainable.llm
+        else:
+            base = llm.get_base_model() if lora else llm
+            store_base = save_base_llm == "always" or (save_base_llm == "auto" and not external)
+            if store_base:
+                # PEFT's layers live inside the base model; save the base weights without them.
+                base_state = _strip_lora_names(base) if lora else None
+                base.save_pretrained(tmp / "llm", state_dict=base_state, safe_serialization=True)
+            if lora:
+                llm.save_pretrained(tmp / "adapter", safe_serialization=True)
+            layout = ("base" if store_base else "external") + ("+adapter" if lora else "")
+        cfg.model.llm.path = ""
+        model.tokenizer.save_pretrained(tmp / "tokenizer")
+        save_config(cfg, tmp / "config.yaml")
+        save_file(non_llm_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "llm_layout": layout,
+            "external_llm": model.cfg.model.llm.path if layout.startswith("external") else "",
+            "num_visual_tokens": int(model.num_visual_tokens),
+            "variant": cfg.model.variant,
+        }
+        (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        _fsync_tree(tmp)
+        _atomic_dir_swap(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved checkpoint to %s (%s)", final, layout)
+    return final
+
+
+def _strip_lora_names(base: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's own weights from a PEFT-wrapped model, under their original names."""
+    out = {}
+    for k, v in base.state_dict().items():
+        if ".lora_" in k:
+            continue
+        out[k.replace(".base_layer.", ".")] = v
+    return out
+
+
+def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Any:
+    """Rebuild a MedVLM from a folder written by `save_pretrained`, from that folder alone
+    (or the external LLM folder it names)."""
+    from medvlm3d.model.llm import build_llm, load_tokenizer
+    from medvlm3d.model.medvlm import MedVLM
+
+    root = Path(path)
+    if not (root / "config.yaml").is_file() or not (root / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"{root} is not a medvlm3d checkpoint: expected config.yaml and model.safetensors inside it"
+        )
+    meta = json.loads((root / "checkpoint.json").read_text(encoding="utf-8")) if (root / "checkpoint.json").is_file() else {}
+    if meta.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise ValueError(f"{root}: checkpoint format {meta['format_version']} is newer than this medvlm3d reads")
+    cfg = load_config(root / "config.yaml")
+    cfg.model.llm.tokenizer = str(root / "tokenizer")
+    tokenizer = load_tokenizer(cfg.model.llm)
+    if (root / "llm").is_dir():
+        cfg.model.llm.path = str(root / "llm")
+    elif meta.get("external_llm"):
+        cfg.model.llm.path = meta["external_llm"]
+    else:
+        raise FileNotFoundError(f"{root}: no llm/ folder and no external LLM path in checkpoint.json")
+    if dtype is not None:
+        cfg.model.llm.dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
+    llm = build_llm(cfg.model.llm, tokenizer)
+    if (root / "adapter").is_dir():
+        from peft import PeftModel
+
+        llm = PeftModel.from_pretrained(llm, str(root / "adapter"), is_trainable=cfg.model.trainable.llm == "lora")
+    model = MedVLM(cfg, tokenizer, llm=llm, load_external_weights=False)
+    state = load_file(str(root / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k.startswith(LLM_PREFIX) or k.startswith("text_encoder."))]
+    if missing or unexpected:
+        raise ValueError(f"{root}/model.safetensors does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.to(device)
+    if dtype is not None and torch.device(device).type != "cpu":
+        model.to(dtype)
+    model.eval()
+    return model

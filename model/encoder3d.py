@@ -1,0 +1,296 @@
+"""3D encoders (MONAI networks) that turn a volume into a grid of tokens.
+
+    volume [B, 1, D, H, W]  ->  tokens [B, d*h*w, out_dim]   (row-major (d, h, w) order)
+
+`D, H, W` must equal `Encoder3DConfig.img_size`. Every encoder module has the attributes
+`grid = (d, h, w)` (the token grid, computed from the config) and `out_dim`.
+
+Registered architectures (`ENCODERS3D`, chosen by `Encoder3DConfig.arch`):
+
+- ``"vit"``: `monai.networks.nets.ViT` (conv patch embedding); grid = img_size // patch_size.
+  Tokens are the ViT's final (layer-normed) hidden states without any cls token, as M3D-LaMed
+  reads M3D-CLIP's tower (select_layer -1, "patch" features). When
+  `weights_key_map == "m3d_clip"` the ViT carries a cls token like M3D-CLIP's (its classification
+  head is removed), so that pretrained weights give the features they were trained to give.
+  Note: MONAI's `TransformerBlock` owns a `norm_cross_attn` LayerNorm that is never used without
+  cross-attention, so plain DDP needs `find_unused_parameters=True`.
+- ``"resnet"``: `monai.networks.nets.ResNet` (basic blocks, `feed_forward=False`) whose global
+  average pool is replaced by `nn.Identity`, so its own forward returns the flattened last
+  feature map `[B, C*d*h*w]`, which is unflattened to `[B, d*h*w, C]`. The grid follows from the
+  strides (conv1 stride 1, max-pool stride 2, layers 2-4 stride 2, each `ceil(n / 2)`).
+
+`load_encoder3d_weights` reads a safetensors file or a weights-only torch file (never unpickles
+arbitrary objects) and can map M3D-CLIP / M3D-LaMed vision-tower keys onto the MONAI ViT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from einops import rearrange
+from monai.networks.nets import ResNet, ViT
+from torch import nn
+
+from medvlm3d.data.config import PRESETS, Encoder3DConfig
+from medvlm3d.model.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+ENCODERS3D = Registry("3D encoder")
+
+
+def read_state_dict(path: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:
+    """Read a state dict from a `.safetensors` file or a torch file with `weights_only=True`.
+
+    Uses timm's reader (which also unwraps `state_dict` / `model` entries and strips `module.`
+    prefixes). Raises `FileNotFoundError` naming the path when it is missing, and `ValueError`
+    when the file cannot be read safely (e.g. a pickle of arbitrary objects).
+    """
+    from timm.models import load_state_dict  # local import: timm is heavy and only needed here
+
+    p = Path(path)
+    if not str(path) or not p.is_file():
+        raise FileNotFoundError(f"{what} file not found: {str(path)!r}")
+    try:
+        sd = load_state_dict(str(p), use_ema=False, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, OSError, EOFError) as e:
+        raise ValueError(
+            f"cannot read {what} from {p}: expected a .safetensors file or a torch file loadable "
+            f"with weights_only=True ({type(e).__name__}: {e})"
+        ) from e
+    if not isinstance(sd, dict):
+        raise ValueError(f"{what} file {p} holds a {type(sd).__name__}, expected a state dict")
+    tensors = {str(k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError(f"{what} file {p} holds no tensors")
+    return tensors
+
+
+class ViTEncoder3D(nn.Module):
+    """MONAI 3D ViT: volume [B, 1, D, H, W] -> patch tokens [B, N3, hidden_size].
+
+    N3 = d*h*w with (d, h, w) = img_size // patch_size.
+    """
+
+    def __init__(self, cfg: Encoder3DConfig) -> None:
+        super().__init__()
+        img, patch = tuple(int(v) for v in cfg.img_size), tuple(int(v) for v in cfg.patch_size)
+        if len(img) != 3 or len(patch) != 3 or any(i % p for i, p in zip(img, patch)):
+            raise ValueError(f"encoder3d.img_size {img} must be divisible by encoder3d.patch_size {patch}")
+        if cfg.hidden_size % cfg.num_heads:
+            raise ValueError(
+                f"encoder3d.hidden_size ({cfg.hidden_size}) must be divisible by encoder3d.num_heads ({cfg.num_heads})"
+            )
+        if not 0.0 <= cfg.dropout <= 1.0:
+            raise ValueError(f"encoder3d.dropout must be in [0, 1], got {cfg.dropout}")
+        cls_token = cfg.weights_key_map == "m3d_clip"
+        self.net = ViT(
+            in_channels=1,
+            img_size=img,
+            patch_size=patch,
+            hidden_size=cfg.hidden_size,
+            mlp_dim=cfg.mlp_dim,
+            num_layers=cfg.num_layers,
+            num_heads=cfg.num_heads,
+            dropout_rate=cfg.dropout,
+            spatial_dims=3,
+            classification=cls_token,
+        )
+        if cls_token:  # keep the cls token (MONAI's forward prepends it), drop the unused head
+            del self.net.classification_head
+        self.img_size = img
+        self.grid: tuple[int, int, int] = tuple(i // p for i, p in zip(img, patch))  # type: ignore[assignment]
+        self.out_dim = int(cfg.hidden_size)
+
+    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+        """volume [B, 1, D, H, W] -> tokens [B, d*h*w, out_dim]."""
+        _check_volume(volume, self.img_size)
+        x, _ = self.net(volume)
+        if hasattr(self.net, "cls_token"):
+            x = x[:, 1:]
+        return x
+
+
+class ResNetEncoder3D(nn.Module):
+    """MONAI 3D ResNet (basic blocks): volume [B, 1, D, H, W] -> tokens [B, d*h*w, widths[-1]]."""
+
+    def __init__(self, cfg: Encoder3DConfig) -> None:
+        super().__init__()
+        layers, widths = tuple(cfg.resnet_layers), tuple(cfg.resnet_widths)
+        if len(layers) != 4 or len(widths) != 4 or min(layers + widths) < 1:
+            raise ValueError(
+                "encoder3d.resnet_layers and encoder3d.resnet_widths must each be 4 positive integers "
+                f"(MONAI's ResNet has 4 stages), got {layers} and {widths}"
+            )
+        self.net = ResNet(
+            block="basic",
+            layers=list(layers),
+            block_inplanes=list(widths),
+            spatial_dims=3,
+            n_input_channels=1,
+            feed_forward=False,
+        )
+        self.net.avgpool = nn.Identity()  # MONAI's forward then returns the flattened last map
+        self.img_size = tuple(int(v) for v in cfg.img_size)
+        self.grid = resnet_grid(self.img_size)
+        self.out_dim = int(widths[-1])  # basic block: expansion 1
+
+    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+        """volume [B, 1, D, H, W] -> tokens [B, d*h*w, out_dim]."""
+        _check_volume(volume, self.img_size)
+        flat = self.net(volume)  # [B, C*d*h*w], flattened from [B, C, d, h, w]
+        d, h, w = self.grid
+        return rearrange(flat, "b (c d h w) -> b (d h w) c", c=self.out_dim, d=d, h=h, w=w)
+
+
+def resnet_grid(img_size: tuple[int, ...]) -> tuple[int, int, int]:
+    """Last feature-map size of MONAI's ResNet (conv1 stride 1, with max-pool) for `img_size`.
+
+    Each of the four stride-2 steps (max-pool k3 p1, layers 2-4 with conv k3 p1) maps n to
+    ceil(n / 2); conv1 (k7, p3, stride 1) keeps n.
+    """
+    return tuple(math.ceil(int(n) / 16) for n in img_size)  # type: ignore[return-value]
+
+
+def _check_volume(volume: torch.Tensor, img_size: tuple[int, ...]) -> None:
+    if volume.ndim != 5 or volume.shape[1] != 1 or tuple(volume.shape[2:]) != tuple(img_size):
+        raise ValueError(
+            f"3D encoder expected a volume [B, 1, {', '.join(map(str, img_size))}] (encoder3d.img_size), "
+            f"got {list(volume.shape)}"
+        )
+
+
+@ENCODERS3D.register("vit")
+def _build_vit(cfg: Encoder3DConfig) -> nn.Module:
+    return ViTEncoder3D(cfg)
+
+
+@ENCODERS3D.register("resnet")
+def _build_resnet(cfg: Encoder3DConfig) -> nn.Module:
+    return ResNetEncoder3D(cfg)
+
+
+def build_encoder3d(cfg: Encoder3DConfig) -> nn.Module:
+    """Build the encoder named by `cfg.arch` (randomly initialised; see `load_encoder3d_weights`)."""
+    return ENCODERS3D.build(cfg.arch, cfg)
+
+
+def create_encoder3d(preset_name: str, **overrides: Any) -> nn.Module:
+    """timm-style factory: `create_encoder3d("vit3d_tiny", hidden_size=32)`.
+
+    The preset's fields (from `data.config.PRESETS[Encoder3DConfig]`) come first, then the
+    overrides. If the resulting config names `weights`, they are loaded.
+    """
+    table = PRESETS.get(Encoder3DConfig, {})
+    if preset_name not in table:
+        raise ValueError(f"unknown 3D encoder preset {preset_name!r}; known: {sorted(table)}")
+    names = {f.name for f in dataclasses.fields(Encoder3DConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown Encoder3DConfig field(s) {unknown}; valid: {sorted(names)}")
+    cfg = Encoder3DConfig(**{**table[preset_name], **overrides})
+    module = build_encoder3d(cfg)
+    if cfg.weights:
+        load_encoder3d_weights(module, cfg.weights, cfg.weights_key_map)
+    return module
+
+
+# --------------------------------------------------------------------------------------------
+# weights
+
+_M3D_PREFIXES = ("vision_encoder.", "vision_tower.vision_tower.", "vision_tower.")
+_WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+_STALE = re.compile(r"^(classification_head\.|blocks\.\d+\.cross_attn\.)")
+
+
+def map_m3d_clip_keys(sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map an M3D-CLIP (or M3D-LaMed) vision-encoder state dict onto MONAI ViT keys.
+
+    Strips `module.` / `model.` wrappers, keeps only the vision encoder's keys when the dict
+    holds a whole model (`vision_encoder.` in M3D-CLIP, `vision_tower.vision_tower.` in
+    M3D-LaMed), drops the unused classification head and stale `cross_attn` keys of older MONAI
+    versions, and converts M3D's "perceptron" patch embedding (Linear on `(p1 p2 p3 c)`) to the
+    equivalent Conv3d kernel `[hidden, c, p1, p2, p3]` when `target` uses a conv embedding.
+    """
+    stripped = {}
+    for k, v in sd.items():
+        while k.startswith(_WRAPPER_PREFIXES):
+            k = k.split(".", 1)[1]
+        stripped[k] = v
+    if any(k.startswith(_M3D_PREFIXES) for k in stripped):
+        picked = {}
+        for k, v in stripped.items():
+            for p in _M3D_PREFIXES:
+                if k.startswith(p):
+                    picked[k[len(p):]] = v
+                    break
+        stripped = picked
+    out = {k: v for k, v in stripped.items() if not _STALE.match(k)}
+    lin, conv = "patch_embedding.patch_embeddings.1.", "patch_embedding.patch_embeddings."
+    if lin + "weight" in out and conv + "weight" in target and target[conv + "weight"].ndim == 5:
+        _, c, p1, p2, p3 = target[conv + "weight"].shape
+        w = out.pop(lin + "weight")
+        if w.shape[1] != c * p1 * p2 * p3:
+            raise ValueError(
+                f"M3D-CLIP patch embedding has {w.shape[1]} inputs per patch, the ViT expects "
+                f"{c}x{p1}x{p2}x{p3}; check encoder3d.patch_size"
+            )
+        out[conv + "weight"] = rearrange(w, "o (p1 p2 p3 c) -> o c p1 p2 p3", p1=p1, p2=p2, p3=p3, c=c)
+        if lin + "bias" in out:
+            out[conv + "bias"] = out.pop(lin + "bias")
+    return out
+
+
+def load_encoder3d_weights(module: nn.Module, path: str | Path, key_map: str = "") -> dict[str, list[str]]:
+    """Load weights into a module from `build_encoder3d` (in place).
+
+    `key_map`: "" takes the keys as they are, either the module's own (`net.` prefix) or the
+    bare MONAI network's; "m3d_clip" applies `map_m3d_clip_keys`. Missing and unexpected keys
+    are logged; a shape mismatch or a file in which no key matches raises `ValueError`.
+    Returns {"loaded": [...], "missing": [...], "unexpected": [...]}.
+    """
+    if key_map not in ("", "m3d_clip"):
+        raise ValueError(f"key_map must be '' or 'm3d_clip', got {key_map!r}")
+    net = getattr(module, "net", None)
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"expected a module from build_encoder3d (with a .net), got {type(module).__name__}")
+    sd = read_state_dict(path, "3D encoder weights")
+    target = net.state_dict()
+    if key_map == "m3d_clip":
+        sd = map_m3d_clip_keys(sd, target)
+    elif not any(k in target for k in sd) and any(k.startswith("net.") for k in sd):
+        sd = {k[4:]: v for k, v in sd.items() if k.startswith("net.")}
+    if "cls_token" in sd and "cls_token" not in target:
+        logger.warning(
+            "%s has a cls token but the ViT was built without one (set encoder3d.weights_key_map="
+            "m3d_clip to keep it); dropping it, so features differ from the pretrained model's", path
+        )
+    loaded = [k for k in sd if k in target]
+    bad = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}"
+           for k in loaded if sd[k].shape != target[k].shape]
+    if bad:
+        raise ValueError(f"3D encoder weights {path} do not fit the configured encoder (check img_size, "
+                         f"patch_size, hidden_size): " + "; ".join(bad[:5]))
+    if not loaded:
+        raise ValueError(
+            f"no key of 3D encoder weights {path} matched the encoder (key_map={key_map!r}); "
+            f"file keys start with {sorted(sd)[:3]}, expected e.g. {sorted(target)[:3]}"
+        )
+    net.load_state_dict({k: sd[k] for k in loaded}, strict=False)
+    missing = [k for k in target if k not in sd]
+    unexpected = [k for k in sd if k not in target]
+    real_missing = [k for k in missing if ".norm_cross_attn." not in k]  # unused by MONAI's forward
+    if real_missing:
+        logger.warning("3D encoder weights %s: %d missing keys (left random): %s", path, len(real_missing),
+                       real_missing[:10])
+    if unexpected:
+        logger.warning("3D encoder weights %s: %d unexpected keys ignored: %s", path, len(unexpected), unexpected[:10])
+    logger.info("loaded %d tensors into the 3D encoder from %s", len(loaded), path)
+    return {"loaded": loaded, "missing": missing, "unexpected": unexpected}

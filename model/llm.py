@@ -1,0 +1,309 @@
+"""The language side: tokenizer, Hugging Face causal LM, PEFT LoRA, and an optional text encoder.
+
+- `load_tokenizer(cfg)`: a tokenizer from a local folder (`cfg.tokenizer` or `cfg.path`), with the
+  `<image>` placeholder registered as a special token and a pad token set.
+- `build_llm(cfg, tokenizer)`: a causal LM, either from a local checkpoint folder (`cfg.path`) or
+  randomly initialised from the config fields (registry `LLM_ARCHS`: "llama", "qwen2"). Its
+  input embeddings are grown to `len(tokenizer)` when the tokenizer has more tokens than the model.
+  forward(inputs_embeds [B, L, Dl], attention_mask [B, L]) -> logits [B, L, V].
+- `apply_lora(model, lora_cfg)` -> `peft.PeftModel`; `merge_lora` folds the adapter back in.
+- `embed_tokens(model, input_ids [B, L]) -> [B, L, Dl]`, for plain and PEFT-wrapped models alike.
+- `TextEncoder(path)`: a local HF encoder (e.g. BERT); forward(list of B strings) -> [B, out_dim].
+
+Nothing here ever reaches a model hub: every `from_pretrained` call passes `local_files_only=True`
+and a missing folder raises `FileNotFoundError` before transformers is asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import transformers
+from packaging.version import Version
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+)
+
+from medvlm3d.data.config import LLMConfig, LoRAConfig
+from medvlm3d.model.registry import Registry
+
+log = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<image>"
+PAD_TOKEN = "<pad>"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_TF5 = Version(transformers.__version__).major >= 5
+# transformers 4.56 renamed `torch_dtype` to `dtype`; 5.x warns on the old name.
+_DTYPE_KW = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+# Registry of architectures buildable from config fields: name -> HF config object. The model
+# class follows from the config type through AutoModelForCausalLM
+# (LlamaConfig -> LlamaForCausalLM, Qwen2Config -> Qwen2ForCausalLM).
+LLM_ARCHS = Registry("llm arch")
+
+
+@LLM_ARCHS.register("llama")
+def _llama_config(**fields: Any) -> PretrainedConfig:
+    return LlamaConfig(**fields)
+
+
+@LLM_ARCHS.register("qwen2")
+def _qwen2_config(**fields: Any) -> PretrainedConfig:
+    return Qwen2Config(**fields)
+
+
+def _local_dir(path: str, what: str, need: tuple[str, ...] = ()) -> Path:
+    """The folder `path` as a Path, or a clear error (no hub look-up is ever attempted)."""
+    if not path:
+        raise ValueError(f"{what}: no local folder given (set it to a folder holding the files)")
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f"{what}: folder {str(p)!r} does not exist (models are read from local folders only)")
+    files = sorted(x.name for x in p.iterdir())
+    if not files:
+        raise FileNotFoundError(f"{what}: folder {str(p)!r} is empty")
+    for name in need:
+        if name not in files:
+            raise FileNotFoundError(f"{what}: folder {str(p)!r} has no {name} (it holds {files[:10]})")
+    return p
+
+
+@contextlib.contextmanager
+def _load_errors(what: str, folder: Path, kind: str) -> Iterator[None]:
+    """Re-raise transformers' loading errors with the config key and folder named."""
+    try:
+        yield
+    except OSError as e:
+        raise FileNotFoundError(f"{what}: could not load a {kind} from {str(folder)!r}: {e}") from e
+    except ValueError as e:
+        raise ValueError(f"{what}: could not load a {kind} from {str(folder)!r}: {e}") from e
+
+
+# ------------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def load_tokenizer(cfg: LLMConfig) -> Any:
+    """Tokenizer from the local folder `cfg.tokenizer` (or `cfg.path` when that is empty).
+
+    Registers `<image>` as an extra special token (never split) when it is missing, and sets a pad
+    token (the eos token, or a new `<pad>`) when there is none. Adding tokens here means the LM's
+    embeddings must grow, which `build_llm` does.
+    """
+    folder = _local_dir(cfg.tokenizer or cfg.path, "llm.tokenizer (or llm.path)")
+    with _load_errors("llm.tokenizer (or llm.path)", folder, "tokenizer"):
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code, local_files_only=True)
+    ensure_special_tokens(tok)
+    return tok
+
+
+def ensure_special_tokens(tok: Any) -> int:
+    """Add `<image>` (extra special token) and a pad token when missing; returns how many tokens
+    were added to the vocabulary."""
+    before = len(tok)
+    if IMAGE_TOKEN not in tok.all_special_tokens:
+        key = "extra_special_tokens" if _TF5 else "additional_special_tokens"
+        # Second positional argument: keep the existing extra special tokens (its keyword name
+        # differs between transformers 4 and 5).
+        tok.add_special_tokens({key: [IMAGE_TOKEN]}, False)
+    if tok.pad_token is None:
+        if tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        else:
+            tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    added = len(tok) - before
+    if added:
+        log.info("tokenizer: added %d special token(s); vocabulary now %d", added, len(tok))
+    return added
+
+
+# ------------------------------------------------------------------------------------------------
+# causal LM
+
+
+def build_llm(cfg: LLMConfig, tokenizer: Any) -> PreTrainedModel:
+    """A causal LM from the local folder `cfg.path`, or randomly initialised from `cfg`'s fields.
+
+    The input (and output) embeddings are resized to `len(tokenizer)` when the tokenizer holds
+    tokens the model cannot embed (e.g. the `<image>` token `load_tokenizer` added); a larger
+    embedding table (padded vocabularies, as in Qwen) is kept as is.
+    """
+    dtype = DTYPES[cfg.dtype]
+    if cfg.path:
+        folder = _local_dir(cfg.path, "llm.path", need=("config.json",))
+        with _load_errors("llm.path", folder, "causal LM"):
+            model = AutoModelForCausalLM.from_pretrained(
+                str(folder),
+                local_files_only=True,
+                attn_implementation=cfg.attn_implementation,
+                trust_remote_code=cfg.trust_remote_code,
+                **{_DTYPE_KW: dtype},
+            )
+    else:
+        hf_cfg = LLM_ARCHS.build(
+            cfg.arch,
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads,
+            intermediate_size=cfg.intermediate_size,
+            max_position_embeddings=cfg.max_position_embeddings,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=False,
+        )
+        model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=cfg.attn_implementation, **{_DTYPE_KW: dtype})
+        log.info("built a random %s LM: %d parameters", cfg.arch, sum(p.numel() for p in model.parameters()))
+
+    n_embed = model.get_input_embeddings().weight.shape[0]
+    if n_embed < len(tokenizer):
+        log.info("resizing LM embeddings %d -> %d to fit the tokenizer", n_embed, len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer))
+    if tokenizer.pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Non-reentrant activation checkpointing of the decoder layers; turns the KV cache off.
+
+    With `use_reentrant=False` the checkpointed layers get gradients even when their inputs do not
+    require grad, so frozen embeddings + LoRA train without extra hooks. transformers still
+    registers its `enable_input_require_grads` hook on the input embeddings (harmless here).
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
+def embed_tokens(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Input embeddings of `input_ids` [B, L] -> [B, L, Dl], for a plain or PEFT-wrapped LM."""
+    return model.get_input_embeddings()(input_ids)
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+
+
+def apply_lora(model: PreTrainedModel, lora: LoRAConfig) -> PeftModel:
+    """Wrap `model` with a LoRA adapter on `lora.target_modules` (matched by module-name suffix,
+    as peft does). Only the adapter weights are left trainable."""
+    targets = list(lora.target_modules)
+    if not targets:
+        raise ValueError(f"llm.lora.target_modules is empty; choose among {_linear_names(model)}")
+    names = [name for name, _ in model.named_modules()]
+    found = [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
+    if not found:
+        raise ValueError(
+            f"llm.lora.target_modules {targets} match no module of {type(model).__name__}; "
+            f"its linear modules are {_linear_names(model)}"
+        )
+    missing = sorted(set(targets) - set(found))
+    if missing:
+        log.warning("LoRA targets %s are not in the model; using %s", missing, found)
+    peft_cfg = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=found,
+    )
+    with warnings.catch_warnings():
+        # peft 0.21 reads the property transformers 5 deprecated (`is_gradient_checkpointing`)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, peft_cfg)
+
+
+def has_lora(model: nn.Module) -> bool:
+    return isinstance(model, PeftModel)
+
+
+def unwrap_base(model: nn.Module) -> nn.Module:
+    """The underlying transformers model (for a PeftModel: still holding the injected LoRA layers)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold the LoRA weights into the base layers and drop the PEFT wrapper (in place). A model
+    without an adapter is returned unchanged."""
+    if not isinstance(model, PeftModel):
+        return model
+    return model.merge_and_unload()
+
+
+# ------------------------------------------------------------------------------------------------
+# text encoder for TG-IS (tgis.text_source == "hf")
+
+
+class TextEncoder(nn.Module):
+    """A local HF encoder (AutoModel + AutoTokenizer from the folder `path`).
+
+    forward(list of B strings) -> [B, out_dim]: the last hidden state pooled over the real tokens
+    ("mean": masked mean; "cls": the first token). Frozen by default: its weights do not require
+    grad, it stays in eval mode and runs without autograd.
+    """
+
+    def __init__(self, path: str, out_pooling: str = "mean", max_length: int = 128, trainable: bool = False) -> None:
+        super().__init__()
+        if out_pooling not in ("mean", "cls"):
+            raise ValueError(f"TextEncoder out_pooling must be 'mean' or 'cls', got {out_pooling!r}")
+        if max_length < 1:
+            raise ValueError(f"TextEncoder max_length must be >= 1, got {max_length}")
+        folder = _local_dir(path, "tgis.text_encoder", need=("config.json",))
+        with _load_errors("tgis.text_encoder", folder, "text encoder and tokenizer"):
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            self.encoder = AutoModel.from_pretrained(str(folder), local_files_only=True)
+        self.out_pooling = out_pooling
+        self.max_length = max_length
+        self.out_dim = int(self.encoder.config.hidden_size)
+        self.trainable = trainable
+        self.encoder.requires_grad_(trainable)
+        if not trainable:
+            self.encoder.eval()
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        super().train(mode)
+        if not self.trainable:
+            self.encoder.eval()
+        return self
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        if isinstance(texts, str) or not texts:
+            raise ValueError("TextEncoder expects a non-empty list of strings")
+        device = next(self.encoder.parameters()).device
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(device)
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            hidden = self.encoder(**batch).last_hidden_state  # [B, L, H]
+        if self.out_pooling == "cls":
+            return hidden[:, 0]
+        mask = batch["attention_mask"].to(hidden.dtype).unsqueeze(-1)  # [B, L, 1]
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)

@@ -1,0 +1,307 @@
+"""The composite model: encode a volume two ways, score the slices by the question, splice the
+visual tokens into a Hugging Face causal LM.
+
+One training step (N images over B samples; S slices per image, padded; T tokens per slice):
+
+    encoder3d(volumes [N,1,D,H,W])            -> [N, N3, D3]  -> Projector3D -> x3d [N, N3', Dl]
+    slice_encoder(slices [N,S,1,h,w], mask)   -> [N, S, T, D2] (-> InterSlice) -> Projector2D -> v [N,S,T,Dl]
+    text feature of the question              -> t [N, Dt]
+    TGIS(x3d, grid, v, t, pos, plane, mask)   -> scores s [N, S] (sum 1 over real slices), z2d [N, T, Dl]
+    VoteMI(slice features, mask, plane)       -> teacher q [N, S] (no grad)
+    visual tokens per variant:
+        2e3, 2e3_interslice: [x3d ; z2d]      -> [N, N3' + T, Dl]
+        3d_only:             x3d              -> [N, N3', Dl]
+        2d_only:             v at the Vote-MI picks -> [N, num_picks * T, Dl]
+    The prompt holds `num_visual_tokens` copies of the <image> token per image (see data/prompts.py);
+    those positions of inputs_embeds are overwritten, in order, by the visual tokens.
+    LLM(inputs_embeds, attention_mask, labels) -> logits [B, L, V], LM loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from einops import rearrange, repeat
+from torch import nn
+
+from medvlm3d.data.config import RunConfig
+from medvlm3d.model.encoder3d import build_encoder3d, load_encoder3d_weights
+from medvlm3d.model.inter_slice import InterSlice
+from medvlm3d.model.llm import TextEncoder, apply_lora, build_llm, embed_tokens, load_tokenizer
+from medvlm3d.model.projector import Projector2D, Projector3D
+from medvlm3d.model.slice_encoder import SliceEncoder
+from medvlm3d.model.tgis import TGIS
+from medvlm3d.model.trainable import apply_trainable_policy
+from medvlm3d.model.vote_mi import VoteMI, intensity_features
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VisualOutput:
+    """Visual tokens of N images and what the slice heads said about them."""
+
+    tokens: torch.Tensor  # [N, Nv, Dl]
+    scores: torch.Tensor | None = None  # [N, S] TG-IS scores (None for 3d_only / 2d_only)
+    logits: torch.Tensor | None = None  # [N, S] TG-IS logits before the softmax
+    teacher: torch.Tensor | None = None  # [N, S] Vote-MI teacher distribution
+    picks: torch.Tensor | None = None  # [N, num_picks] Vote-MI picks (2d_only)
+
+
+@dataclass
+class MedVLMOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor  # [B, L, V]
+    scores: torch.Tensor | None = None  # [N, S]
+    slice_logits: torch.Tensor | None = None  # [N, S]
+    teacher: torch.Tensor | None = None  # [N, S]
+    slice_mask: torch.Tensor | None = None  # [N, S]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class MedVLM(nn.Module):
+    """3D + 2D encoders, TG-IS head, Vote-MI teacher, projectors and a (LoRA) causal LM.
+
+    Args:
+        cfg: the run config; `cfg.model` picks the variant and every component, `cfg.data` the
+            input sizes (the 3D encoder's `img_size` must equal `cfg.data.size`).
+        tokenizer: a tokenizer holding the `<image>` token (see `model.llm.load_tokenizer`).
+        llm: an already built LM (e.g. restored from a checkpoint, adapter included); when None it
+            is built from `cfg.model.llm` and wrapped with LoRA if the policy says `lora`.
+        load_external_weights: load encoder weights from the paths in the config (off when a
+            checkpoint supplies them).
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        tokenizer: Any,
+        llm: nn.Module | None = None,
+        load_external_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        mc = cfg.model
+        if mc.variant != "2d_only" and tuple(mc.encoder3d.img_size) != tuple(cfg.data.size):
+            raise ValueError(
+                f"model.encoder3d.img_size {tuple(mc.encoder3d.img_size)} must equal data.size {tuple(cfg.data.size)}"
+            )
+        self.cfg = cfg
+        self.variant = mc.variant
+        self.tokenizer = tokenizer
+        self.image_token_id = int(tokenizer.convert_tokens_to_ids("<image>"))
+        if llm is None:
+            llm = build_llm(mc.llm, tokenizer)
+            if mc.trainable.llm == "lora":
+                llm = apply_lora(llm, mc.llm.lora)
+        self.llm = llm
+        width = int(embed_tokens(self.llm, torch.zeros(1, 1, dtype=torch.long)).shape[-1])
+        self.width = width
+
+        uses_3d = self.variant in ("2e3", "2e3_interslice", "3d_only")
+        uses_2d = self.variant in ("2e3", "2e3_interslice", "2d_only")
+        self.encoder3d = self.projector3d = None
+        self.slice_encoder = self.projector2d = self.inter_slice = self.tgis = None
+        self.text_encoder = None
+        if uses_3d or self.variant in ("2e3", "2e3_interslice"):
+            self.encoder3d = build_encoder3d(mc.encoder3d)
+            if load_external_weights and mc.encoder3d.weights:
+                load_encoder3d_weights(self.encoder3d, mc.encoder3d.weights, mc.encoder3d.weights_key_map)
+            self.projector3d = Projector3D(mc.projector, self.encoder3d.out_dim, self.encoder3d.grid, width)
+        if uses_2d:
+            self.slice_encoder = SliceEncoder(mc.slice_encoder, tuple(cfg.data.slice_size), load_weights=load_external_weights)
+            if self.variant == "2e3_interslice":
+                self.inter_slice = InterSlice(mc.inter_slice, self.slice_encoder.out_dim)
+            self.projector2d = Projector2D(mc.projector, self.slice_encoder.out_dim, width)
+        if self.variant in ("2e3", "2e3_interslice"):
+            text_dim = width
+            if mc.tgis.text_source == "hf":
+                self.text_encoder = TextEncoder(mc.tgis.text_encoder)
+                text_dim = self.text_encoder.out_dim
+            self.tgis = TGIS(mc.tgis, width, text_dim)
+        self.vote_mi = VoteMI(mc.vote_mi)
+        apply_trainable_policy(self.components(), mc.trainable)
+
+    # ----------------------------------------------------------------------------------------
+    # structure
+
+    def components(self) -> dict[str, nn.Module | None]:
+        """The trainable-policy components (names as in `TrainablePolicy`)."""
+        projector = nn.ModuleList([m for m in (self.projector3d, self.projector2d) if m is not None])
+        return {
+            "encoder3d": self.encoder3d,
+            "slice_encoder": self.slice_encoder,
+            "inter_slice": self.inter_slice,
+            "tgis": self.tgis,
+            "projector": projector if len(projector) else None,
+            "llm": self.llm,
+        }
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Visual tokens per image, from the config-built modules (never a constant)."""
+        t2d = self.slice_encoder.num_tokens if self.slice_encoder is not None else 0
+        if self.variant == "3d_only":
+            return self.projector3d.num_tokens
+        if self.variant == "2d_only":
+            return self.cfg.model.vote_mi.num_picks * t2d
+        return self.projector3d.num_tokens + t2d
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ----------------------------------------------------------------------------------------
+    # encoding
+
+    def text_features(
+        self,
+        question_ids: torch.Tensor,
+        question_mask: torch.Tensor,
+        questions: Sequence[str] | None,
+        image_to_sample: torch.Tensor,
+    ) -> torch.Tensor:
+        """Question feature per image: [N, Dt]. `llm`: mean of the LM input embeddings over the
+        question tokens [B, Lq]; `hf`: the pooled output of a local text encoder."""
+        if self.text_encoder is not None:
+            if questions is None:
+                raise ValueError("tgis.text_source 'hf' needs the question strings in the batch ('questions')")
+            feats = self.text_encoder(list(questions)).to(self.width_dtype)
+        else:
+            emb = embed_tokens(self.llm, question_ids)  # [B, Lq, Dl]
+            m = question_mask.to(emb.dtype).unsqueeze(-1)
+            feats = (emb * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return feats[image_to_sample]
+
+    @property
+    def width_dtype(self) -> torch.dtype:
+        return embed_tokens(self.llm, torch.zeros(1, 1, dtype=torch.long, device=self.device)).dtype
+
+    def encode_images(
+        self,
+        volumes: torch.Tensor,
+        slices: torch.Tensor,
+        slice_mask: torch.Tensor,
+        slice_pos: torch.Tensor,
+        slice_plane: torch.Tensor,
+        text: torch.Tensor | None,
+    ) -> VisualOutput:
+        """volumes [N,1,D,H,W], slices [N,S,1,h,w], slice_mask/pos/plane [N,S], text [N,Dt]
+        -> VisualOutput with tokens [N, num_visual_tokens, Dl]."""
+        x3d = None
+        if self.encoder3d is not None:
+            x3d = self.projector3d(self.encoder3d(volumes))  # [N, N3', Dl]
+        if self.variant == "3d_only":
+            return VisualOutput(tokens=x3d)
+
+        feats = self.slice_encoder(slices, slice_mask)  # [N, S, T, D2]
+        if self.inter_slice is not None:
+            feats = self.inter_slice(feats, slice_pos, slice_plane, slice_mask)
+        v = self.projector2d(feats)  # [N, S, T, Dl]
+        teacher = None
+        if self.cfg.model.vote_mi.teacher != "off" or self.variant == "2d_only":
+            with torch.no_grad():
+                vm_feats = self._vote_features(slices, feats, slice_mask)
+                teacher = self.vote_mi.teacher(vm_feats, slice_mask, slice_plane)
+        if self.variant == "2d_only":
+            picks = self._picks(vm_feats, slice_mask, slice_plane)  # [N, P]
+            chosen = torch.gather(v, 1, repeat(picks, "n p -> n p t d", t=v.shape[2], d=v.shape[3]))
+            return VisualOutput(tokens=rearrange(chosen, "n p t d -> n (p t) d"), teacher=teacher, picks=picks)
+
+        out = self.tgis(x3d, self.projector3d.out_grid, v, text, slice_pos, slice_plane, slice_mask)
+        tokens = torch.cat([x3d, out.z2d], dim=1)
+        return VisualOutput(tokens=tokens, scores=out.scores, logits=out.logits, teacher=teacher)
+
+    def _vote_features(self, slices: torch.Tensor, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Slice embeddings for Vote-MI: [N, S, F]."""
+        if self.cfg.model.vote_mi.features == "encoder":
+            return feats.detach().mean(dim=2)
+        return intensity_features(slices, size=self.cfg.model.vote_mi.feature_size)
+
+    def _picks(self, vm_feats: torch.Tensor, mask: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
+        """Vote-MI picks as slice positions [N, num_picks], in z order, repeated when short."""
+        n_picks = self.cfg.model.vote_mi.num_picks
+        rows = []
+        for i, per_plane in enumerate(self.vote_mi.select(vm_feats, mask, plane)):
+            picked: list[int] = []
+            for result in per_plane.values():
+                picked.extend(result.picks)
+            picked = sorted(picked)[:n_picks] or [0]
+            while len(picked) < n_picks:
+                picked.append(picked[len(picked) % max(1, len(picked))])
+            rows.append(picked)
+        return torch.tensor(rows, dtype=torch.long, device=vm_feats.device)
+
+    def splice(self, input_ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """inputs_embeds [B, L, Dl] with the <image> positions of input_ids [B, L] replaced, in
+        order, by visual [N, Nv, Dl] (N images of the batch, ordered by sample)."""
+        embeds = embed_tokens(self.llm, input_ids)
+        slots = input_ids == self.image_token_id
+        n_slots, n_vis = int(slots.sum()), visual.shape[0] * visual.shape[1]
+        if n_slots != n_vis:
+            raise ValueError(
+                f"the prompts hold {n_slots} <image> tokens but the images give {n_vis} visual tokens "
+                f"({visual.shape[0]} images x {visual.shape[1]}); build prompts with "
+                f"num_image_tokens=model.num_visual_tokens ({self.num_visual_tokens})"
+            )
+        return embeds.masked_scatter(slots.unsqueeze(-1), visual.to(embeds.dtype))
+
+    # ----------------------------------------------------------------------------------------
+    # forward and generation
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        volumes: torch.Tensor,
+        slices: torch.Tensor,
+        slice_mask: torch.Tensor,
+        slice_pos: torch.Tensor,
+        slice_plane: torch.Tensor,
+        image_to_sample: torch.Tensor,
+        question_ids: torch.Tensor,
+        question_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        questions: Sequence[str] | None = None,
+        **_: Any,
+    ) -> MedVLMOutput:
+        """A collated batch (see data/collate.py) -> MedVLMOutput; `loss` is the LM loss."""
+        if image_to_sample.numel() > 1 and bool((image_to_sample[1:] < image_to_sample[:-1]).any()):
+            raise ValueError("images must be ordered by sample (image_to_sample non-decreasing)")
+        text = None
+        if self.tgis is not None:
+            text = self.text_features(question_ids, question_mask, questions, image_to_sample)
+        vis = self.encode_images(volumes, slices, slice_mask, slice_pos, slice_plane, text)
+        embeds = self.splice(input_ids, vis.tokens)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+        return MedVLMOutput(
+            loss=out.loss,
+            logits=out.logits,
+            scores=vis.scores,
+            slice_logits=vis.logits,
+            teacher=vis.teacher,
+            slice_mask=slice_mask,
+        )
+
+    def generate(self, volume: Any = None, prompt: str | Sequence[str] = "", **kwargs: Any) -> Any:
+        """Answer `prompt` about `volume` (a path, a list of paths, or a tensor [1,D,H,W]); batched
+        when both are lists. Returns a `Generation` (text + per-slice scores); see model/generation.py."""
+        from medvlm3d.model.generation import generate
+
+        return generate(self, volume=volume, prompt=prompt, **kwargs)
+
+    def save_pretrained(self, path: str, **kwargs: Any) -> None:
+        from medvlm3d.model.checkpoint import save_pretrained
+
+        save_pretrained(self, path, **kwargs)
+
+
+def build_model(cfg: RunConfig, tokenizer: Any = None) -> MedVLM:
+    """Build a MedVLM from a run config; the tokenizer comes from `cfg.model.llm` when not given."""
+    if not isinstance(cfg, RunConfig):
+        raise ValueError(f"build_model expects a RunConfig (medvlm3d.load_config(...)), got {type(cfg).__name__}")
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model.llm)
+    return MedVLM(cfg, tokenizer)

@@ -1,0 +1,159 @@
+"""2D slice encoder: a timm backbone run over every real slice of a study, chunked.
+
+    slices [B, S, 1, h, w], mask [B, S] bool  ->  tokens [B, S, T, D2]   (`pooled`: [B, S, D2])
+
+Only the real slices (mask True) go through the backbone, `chunk_size` slices per call;
+padded positions come out as zeros. Each slice's feature map from `forward_features` is
+adaptive-average-pooled to a `sqrt(T) x sqrt(T)` grid, so T (`num_tokens`) must be a perfect
+square (1, 4, 9, 16, ...). Tokens are in row-major (row, column) order.
+
+The feature layout is told apart by tensor rank, never by model name:
+- rank 3 `[N, L, C]` (ViT-like): the first `model.num_prefix_tokens` tokens (cls / register)
+  are dropped and the rest reshaped to the patch grid (`patch_embed.grid_size`, else square).
+- rank 4 `[N, C, h, w]` (CNN; `[N, h, w, C]` when the model says `output_fmt == "NHWC"`, e.g. Swin).
+
+Input slices are in [0, 1]; they are normalised with the backbone's pretrained mean/std (the
+channel mean for `in_chans=1`), and the grey channel is repeated when `in_chans=3`.
+`cfg.weights` is a local file (safetensors or weights-only torch) handed to timm's own
+pretrained loader, which adapts the input conv to `in_chans`, resamples ViT position
+embeddings to the slice size and drops the classifier.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import timm
+import torch
+import torch.nn.functional as F
+from einops import rearrange, reduce, repeat
+from torch import nn
+
+from medvlm3d.data.config import SliceEncoderConfig
+from medvlm3d.model.encoder3d import read_state_dict
+
+logger = logging.getLogger(__name__)
+
+
+class SliceEncoder(nn.Module):
+    """timm backbone over slices: [B, S, 1, h, w] -> [B, S, T, D2] (T = `num_tokens`, D2 = `out_dim`).
+
+    Args:
+        cfg: the slice-encoder section of the config.
+        img_size: (h, w) of each slice, i.e. `data.slice_size`.
+        load_weights: load `cfg.weights` if set (False when a full checkpoint will overwrite them).
+    """
+
+    def __init__(self, cfg: SliceEncoderConfig, img_size: tuple[int, int], load_weights: bool = True) -> None:
+        super().__init__()
+        size = tuple(int(v) for v in img_size)
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"SliceEncoder img_size must be (h, w) with positive ints, got {img_size!r}")
+        side = math.isqrt(cfg.num_tokens) if cfg.num_tokens >= 1 else 0
+        if side < 1 or side * side != cfg.num_tokens:
+            raise ValueError(
+                f"slice_encoder.num_tokens must be a perfect square (1, 4, 9, 16, ...), got {cfg.num_tokens}"
+            )
+        if cfg.in_chans not in (1, 3) or cfg.chunk_size < 1:
+            raise ValueError(
+                f"slice_encoder.in_chans must be 1 or 3 and chunk_size >= 1, got {cfg.in_chans}, {cfg.chunk_size}"
+            )
+        kwargs = dict(cfg.model_kwargs)
+        if _takes_img_size(cfg.model_name):
+            kwargs.setdefault("img_size", size)
+        pretrained = {}
+        if load_weights and cfg.weights:
+            sd = read_state_dict(cfg.weights, "slice encoder weights")
+            pretrained = dict(pretrained=True, pretrained_cfg_overlay=dict(state_dict=sd))
+        try:
+            self.backbone = timm.create_model(
+                cfg.model_name, in_chans=cfg.in_chans, num_classes=0, global_pool="", **kwargs, **pretrained
+            )
+        except RuntimeError as e:  # timm: unknown model, or weights that do not fit it
+            raise ValueError(f"cannot build timm model {cfg.model_name!r} (weights {cfg.weights!r}): {e}") from e
+        if pretrained:
+            own = self.backbone.state_dict()
+            if not any(k in own and own[k].shape == v.shape for k, v in sd.items()):
+                raise ValueError(f"no tensor of slice encoder weights {cfg.weights} matched {cfg.model_name!r}")
+            logger.info("loaded slice encoder weights from %s", cfg.weights)
+        pcfg = getattr(self.backbone, "pretrained_cfg", None) or {}
+        mean = torch.tensor(pcfg.get("mean", (0.485, 0.456, 0.406)), dtype=torch.float32)
+        std = torch.tensor(pcfg.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32)
+        if cfg.in_chans == 1:
+            mean, std = mean.mean(0, keepdim=True), std.mean(0, keepdim=True)
+        self.register_buffer("mean", mean.view(1, -1, 1, 1)[:, : cfg.in_chans], persistent=False)
+        self.register_buffer("std", std.view(1, -1, 1, 1)[:, : cfg.in_chans], persistent=False)
+        self.img_size = size
+        self.in_chans = cfg.in_chans
+        self.chunk_size = cfg.chunk_size
+        self.num_tokens = cfg.num_tokens
+        self.side = side
+        self.out_dim = int(self.backbone.num_features)
+
+    # ----------------------------------------------------------------------------------------
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Real slices [N, 1, h, w] -> tokens [N, T, D2] (one backbone call; no chunking)."""
+        if self.in_chans == 3:
+            x = repeat(x, "n 1 h w -> n c h w", c=3)
+        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        feats = self.backbone.forward_features(x)
+        if feats.ndim == 3:
+            grid = self._token_grid(feats.shape[1] - int(getattr(self.backbone, "num_prefix_tokens", 0)))
+            feats = feats[:, feats.shape[1] - grid[0] * grid[1]:]
+            fmap = rearrange(feats, "n (gh gw) c -> n c gh gw", gh=grid[0], gw=grid[1])
+        elif feats.ndim == 4:
+            nhwc = getattr(self.backbone, "output_fmt", "NCHW") == "NHWC"
+            fmap = rearrange(feats, "n h w c -> n c h w") if nhwc else feats
+        else:
+            raise ValueError(f"timm backbone returned features of shape {list(feats.shape)}; "
+                             "expected [N, L, C] or [N, C, h, w]")
+        pooled = F.adaptive_avg_pool2d(fmap, (self.side, self.side))
+        return rearrange(pooled, "n c th tw -> n (th tw) c")
+
+    def forward(self, slices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """slices [B, S, 1, h, w], mask [B, S] bool (True = real) -> tokens [B, S, T, D2]; padded = 0."""
+        self._check(slices, mask)
+        b, s = mask.shape
+        real = slices[mask]  # [R, 1, h, w]
+        out = slices.new_zeros(b, s, self.num_tokens, self.out_dim)
+        if real.shape[0] == 0:
+            return out
+        feats = torch.cat([self.encode(chunk) for chunk in real.split(self.chunk_size)], dim=0)
+        out = out.to(feats.dtype)
+        out[mask] = feats
+        return out
+
+    def pooled(self, slices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """slices [B, S, 1, h, w], mask [B, S] -> one vector per slice [B, S, D2] (mean over T)."""
+        return reduce(self(slices, mask), "b s t d -> b s d", "mean")
+
+    # ----------------------------------------------------------------------------------------
+
+    def _token_grid(self, n: int) -> tuple[int, int]:
+        grid = getattr(getattr(self.backbone, "patch_embed", None), "grid_size", None)
+        if grid is not None and len(grid) == 2 and int(grid[0]) * int(grid[1]) == n:
+            return int(grid[0]), int(grid[1])
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"cannot lay {n} patch tokens of {type(self.backbone).__name__} on a 2D grid")
+        return side, side
+
+    def _check(self, slices: torch.Tensor, mask: torch.Tensor) -> None:
+        h, w = self.img_size
+        if slices.ndim != 5 or slices.shape[2] != 1 or tuple(slices.shape[3:]) != (h, w):
+            raise ValueError(f"SliceEncoder expected slices [B, S, 1, {h}, {w}] (data.slice_size), "
+                             f"got {list(slices.shape)}")
+        if mask.dtype != torch.bool or tuple(mask.shape) != tuple(slices.shape[:2]):
+            raise ValueError(f"SliceEncoder expected a bool mask {list(slices.shape[:2])}, "
+                             f"got {mask.dtype} {list(mask.shape)}")
+
+
+def _takes_img_size(model_name: str) -> bool:
+    """True for timm models whose constructor needs the input size (ViT-like patch embeddings)."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(model_name)
+    except (RuntimeError, ValueError):
+        cfg = None
+    return bool(cfg is not None and getattr(cfg, "fixed_input_size", False))
