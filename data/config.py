@@ -474,9 +474,19 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return out
 
 
-def load_config(path_or_name: str | Path | dict[str, Any] = "demo", overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a run config from a YAML path, a shipped config name (e.g. "demo"), or a dict."""
+def load_config(
+    path_or_name: str | Path | dict[str, Any] = "demo",
+    overrides: Sequence[str] = (),
+    layers: Sequence[str | Path] = (),
+) -> RunConfig:
+    """Read a run config from a YAML path, a shipped config name (e.g. "demo"), or a dict.
+
+    `layers` are further YAMLs (paths or shipped names, e.g. a stage such as "stage1_align")
+    deep-merged on top in order; `overrides` (`a.b=value`) are applied last.
+    """
     raw = dict(path_or_name) if isinstance(path_or_name, dict) else _read_yaml(_resolve(path_or_name))
+    for layer in layers:
+        raw = deep_merge(raw, _read_yaml(_resolve(layer)))
     return from_dict(RunConfig, apply_overrides(raw, overrides))
 
 

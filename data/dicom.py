@@ -91,7 +91,9 @@ def _affine(iop: Sequence[float], first: np.ndarray, step: np.ndarray, spacing: 
     return _LPS_TO_RAS @ lps
 
 
-def _order(positions: list[Any], iop: Any, fallback: list[int], where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _order(
+    positions: list[Any], iop: Any, fallback: list[int], where: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(order, first position, step vector) from ImagePositionPatient along the slice normal."""
     n = len(positions)
     if iop is None or any(p is None for p in positions):

@@ -36,8 +36,9 @@ air) and the maximum is > 1500. HU data has air near -1000 and is left as it is.
 `max_slices`), before the resize; all images of a study are resampled to the first image's S.
 Coronal / sagittal planes always come from the resized volume. `crop_foreground` crops H and W
 only, so axial indices stay native. Augmentation (train=True and cfg.augment) runs after the
-cache: an in-plane RandAffine rotation/scale shared by the volume and the native axial stack,
-intensity scale/shift and noise; never a left/right flip.
+cache: an in-plane RandAffine rotation (about D, <= 10 deg) and H/W zoom (<= 8 %) shared by the
+volume and the native axial stack (so axial slice positions stay valid), intensity scale/shift
+and noise; never a left/right flip.
 """
 
 from __future__ import annotations
@@ -59,10 +60,10 @@ import nibabel as nib
 import numpy as np
 import torch
 from einops import rearrange
-from monai.data import MetaTensor, NibabelReader
-from monai.transforms import (Compose, EnsureTyped, Lambdad, LoadImage, MapTransform, Orientationd, RandAffine,
-                              RandGaussianNoised, Randomizable, RandScaleIntensityd, RandShiftIntensityd, Resize,
-                              ScaleIntensityRange, ScaleIntensityRangePercentiles, SpatialCrop, Transposed)
+from monai.data import MetaTensor
+from monai.transforms import (Compose, CopyItemsd, EnsureTyped, Lambdad, MapTransform, Orientationd,
+                              RandAffine, RandGaussianNoised, Randomizable, RandScaleIntensityd, RandShiftIntensityd,
+                              Resize, ScaleIntensityRange, ScaleIntensityRangePercentiles, SpatialCrop, Transposed)
 from monai.transforms.utils import generate_spatial_bounding_box
 from safetensors.torch import load_file, save_file
 
@@ -105,20 +106,14 @@ def plan_strides(shape: Sequence[int], max_voxels: int, oversize: str, where: st
     extent = lambda: [math.ceil(s / st) for s, st in zip(shape, strides)]  # noqa: E731
     while math.prod(extent()) > max_voxels:
         strides[int(np.argmax(extent()))] += 1
-    logger.warning("%s: %s voxels over max_voxels=%d; stride-subsampled by %s", where, tuple(shape), max_voxels, strides)
+    logger.warning("%s: %s voxels over max_voxels=%d; stride-subsampled by %s", where, tuple(shape), max_voxels,
+                   strides)
     return tuple(strides)
 
 
 def _check_spatial(shape: Sequence[int], where: str) -> None:
     if len(shape) < 3 or min(shape[:3]) < 2:
         raise DataError(f"{where}: a 2D image of shape {tuple(shape)}; expected a 3D volume")
-
-
-@functools.lru_cache(maxsize=1)
-def _nifti_loader() -> LoadImage:
-    """MONAI LoadImage with NibabelReader -> MetaTensor [1, X, Y, Z] float32 with the file's affine."""
-    reader = NibabelReader(squeeze_non_spatial_dims=True)
-    return LoadImage(reader=reader, image_only=True, ensure_channel_first=True, dtype=np.float32)
 
 
 def _read_nifti(path: Path, plan: Any) -> tuple[MetaTensor, tuple[int, ...], bool]:
@@ -130,14 +125,12 @@ def _read_nifti(path: Path, plan: Any) -> tuple[MetaTensor, tuple[int, ...], boo
                         "expected one 3D volume")
     header_scaled = (float(img.dataobj.slope), float(img.dataobj.inter)) != (1.0, 0.0)
     strides = plan(shape[:3])
-    if strides == (1, 1, 1):
-        image = _nifti_loader()(str(path))
-    else:
-        slicer = tuple(slice(None, None, s) for s in strides) + (0,) * (len(shape) - 3)
-        arr = np.asarray(img.dataobj[slicer], dtype=np.float32)
-        affine = np.array(img.affine, dtype=np.float64)
-        affine[:3, :3] *= np.asarray(strides, dtype=np.float64)
-        image = MetaTensor(torch.from_numpy(arr)[None], affine=torch.as_tensor(affine), meta={"space": "RAS"})
+    slicer = tuple(slice(None, None, s) for s in strides) + (0,) * (len(shape) - 3)
+    # NIfTI voxels are stored in Fortran order: kept as is, [X, Y, Z] -> [Z, Y, X] is then contiguous
+    arr = np.asarray(img.dataobj[slicer], dtype=np.float32)  # scl_slope / scl_inter applied by nibabel
+    affine = np.array(img.affine, dtype=np.float64)
+    affine[:3, :3] *= np.asarray(strides, dtype=np.float64)
+    image = MetaTensor(torch.from_numpy(arr)[None], affine=torch.as_tensor(affine), meta={"space": "RAS"})
     return image, shape[:3], header_scaled
 
 
@@ -186,7 +179,8 @@ def _read(path: Path, cfg: DataConfig, rescale: tuple[float, float] | None = Non
         if path.is_dir() or name.endswith(".dcm") or is_dicom_file(path):
             dv = read_dicom(path, plan)
             kind, tag_modality, native = "dicom", dv.modality, dv.shape
-            image = MetaTensor(torch.from_numpy(dv.array)[None], affine=torch.as_tensor(dv.affine), meta={"space": "RAS"})
+            image = MetaTensor(torch.from_numpy(dv.array)[None], affine=torch.as_tensor(dv.affine),
+                               meta={"space": "RAS"})
         elif name.endswith((".nii", ".nii.gz")):
             image, native, header_scaled = _read_nifti(path, plan)
         elif name.endswith(".npy"):
@@ -275,30 +269,9 @@ class _CropForegroundHWd(MapTransform):
         return d
 
 
-class _Resized(MapTransform):
-    def __init__(self, keys: Any, size: Sequence[int]) -> None:
-        super().__init__(keys)
-        self.size = tuple(size)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = _resize(d[key], self.size)
-        return d
-
-
-class _AxialStackd(MapTransform):
-    """d["stack"] = [1, S, h, w]: native axial slices (S = min(D, max_slices)) of d["image"]."""
-
-    def __init__(self, keys: Any, slice_size: Sequence[int], max_slices: int) -> None:
-        super().__init__(keys)
-        self.slice_size, self.max_slices = tuple(slice_size), int(max_slices)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        img = d[self.keys[0]]
-        d["stack"] = _resize(img, (min(int(img.shape[1]), self.max_slices), *self.slice_size))
-        return d
+def _native_stack(img: torch.Tensor, slice_size: Sequence[int], max_slices: int) -> torch.Tensor:
+    """[1, D, H, W] -> [1, S, h, w]: the native axial slices, S = min(D, max_slices)."""
+    return _resize(img, (min(int(img.shape[1]), max_slices), *slice_size))
 
 
 class _SharedRandAffined(Randomizable, MapTransform):
@@ -331,8 +304,9 @@ def _preprocess(cfg: DataConfig) -> list[Any]:
     if cfg.crop_foreground:
         out.append(_CropForegroundHWd(keys="image"))
     if cfg.num_slices == -1 and "axial" in cfg.planes:
-        out.append(_AxialStackd(keys="image", slice_size=cfg.slice_size, max_slices=cfg.max_slices))
-    out += [_Resized(keys="image", size=cfg.size),
+        stack = functools.partial(_native_stack, slice_size=tuple(cfg.slice_size), max_slices=cfg.max_slices)
+        out += [CopyItemsd(keys="image", names="stack"), Lambdad(keys="stack", func=stack)]
+    out += [Lambdad(keys="image", func=functools.partial(_resize, size=tuple(cfg.size))),
             EnsureTyped(keys=["image", "stack"], dtype=torch.float32, track_meta=False, allow_missing_keys=True)]
     return out
 
@@ -340,8 +314,9 @@ def _preprocess(cfg: DataConfig) -> list[Any]:
 def _augment() -> list[Any]:
     keys = ["image", "stack"]
     return [
-        _SharedRandAffined(keys, prob=0.5, rotate_range=(math.radians(10), 0.0, 0.0), scale_range=(0.08,) * 3,
-                           mode="bilinear", padding_mode="zeros"),  # rotation about D only: in-plane
+        # in-plane only (rotation about D, zoom of H and W): axial slice positions stay valid
+        _SharedRandAffined(keys, prob=0.5, rotate_range=(math.radians(10), 0.0, 0.0), scale_range=(0.0, 0.08, 0.08),
+                           mode="bilinear", padding_mode="zeros"),
         RandScaleIntensityd(keys, factors=0.1, prob=0.5, allow_missing_keys=True),
         RandShiftIntensityd(keys, offsets=0.05, prob=0.5, allow_missing_keys=True),
         RandGaussianNoised("image", prob=0.3, std=0.01, allow_missing_keys=True),
@@ -375,7 +350,9 @@ def _transforms(cfg: DataConfig) -> Compose:
 # -------------------------------------------------------------------------------------- public
 
 
-def load_volume_from_config(path: PathLike, cfg: DataConfig, rescale: tuple[float, float] | None = None) -> torch.Tensor:
+def load_volume_from_config(
+    path: PathLike, cfg: DataConfig, rescale: tuple[float, float] | None = None
+) -> torch.Tensor:
     """One volume -> float32 [1, D, H, W] in [0, 1], preprocessed as `cfg` says (no augmentation)."""
     flat = dataclasses.replace(cfg, num_slices=0)  # no native slice stack needed here
     return _transforms(flat)(_read(Path(path), flat, rescale))["image"]
@@ -404,9 +381,13 @@ def _plane_views(volume: torch.Tensor, plane: int, slice_size: Sequence[int], n:
     h, w = slice_size
     target = [(n, h, w), (h, n, w), (h, w, n)][plane]
     pattern = ["1 n h w -> n 1 h w", "1 h n w -> n 1 h w", "1 h w n -> n 1 h w"][plane]
-    slices = rearrange(_resize(volume, target), pattern).contiguous()
+    return (rearrange(_resize(volume, target), pattern).contiguous(), *_positions(n, plane))
+
+
+def _positions(n: int, plane: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(plane [n] long, index [n] long, pos [n] float = (index + 0.5) / n)."""
     index = torch.arange(n, dtype=torch.long)
-    return slices, torch.full((n,), plane, dtype=torch.long), index, (index.float() + 0.5) / n
+    return torch.full((n,), plane, dtype=torch.long), index, (index.float() + 0.5) / n
 
 
 def slice_views(
@@ -434,11 +415,7 @@ def _study_slices(d: Mapping[str, Any], cfg: DataConfig) -> tuple[torch.Tensor, 
     views = []
     for p in cfg.planes:
         if p == "axial" and "stack" in d:
-            stack = d["stack"]
-            n = int(stack.shape[1])
-            index = torch.arange(n, dtype=torch.long)
-            views.append((rearrange(stack, "1 n h w -> n 1 h w"), torch.zeros(n, dtype=torch.long), index,
-                          (index.float() + 0.5) / n))
+            views.append((rearrange(d["stack"], "1 n h w -> n 1 h w"), *_positions(int(d["stack"].shape[1]), 0)))
         else:
             views.append(slice_views(d["image"], cfg.slice_size, (p,), max(cfg.num_slices, 0)))
     return tuple(torch.cat(parts) for parts in zip(*views))
@@ -490,8 +467,8 @@ def _cache_read(path: Path) -> Study | None:
         t = load_file(str(path))
         study = Study(t["volume"], t["slices"], t["slice_plane"], t["slice_index"], t["slice_pos"],
                       [int(x) for x in t["native_depth"].tolist()])
-        n = study.volume.shape[0]
-        if study.slices.shape[:1] != (n,) or len(study.native_depth) != n or study.slice_pos.shape != study.slice_plane.shape:
+        n, n_slices = study.slices.shape[:2]
+        if study.volume.shape[0] != n or len(study.native_depth) != n or study.slice_pos.shape != (n, n_slices):
             raise ValueError("inconsistent tensor shapes")
         return study
     except Exception as e:
@@ -511,8 +488,8 @@ def _cache_write(path: Path, study: Study) -> None:
         os.close(fd)
         save_file(tensors, tmp)
         os.replace(tmp, path)
-    except OSError as e:
-        logger.warning("%s: cannot write cache file (%s)", path, e)
+    except Exception as e:  # a cache that cannot be written never stops training
+        logger.warning("%s: cannot write cache file (%s: %s)", path, type(e).__name__, e)
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
 
@@ -521,7 +498,13 @@ def load_study(
     path: PathLike | Sequence[PathLike], cfg: DataConfig, train: bool = False,
     rescale: tuple[float, float] | None = None,
 ) -> Study:
-    """One study (a path, or a list of series paths) -> Study; cached when cfg.cache_dir is set."""
+    """One study (a path, or a list of series paths) -> Study (shapes in the module docstring).
+
+    `rescale` (slope, intercept) from a CT-RATE metadata row follows the HU-detection rule. With
+    `cfg.cache_dir` the preprocessed (never augmented) Study is cached as safetensors; augmentation
+    runs afterwards, only when `train` and `cfg.augment`, seeded from torch's RNG (so DataLoader
+    workers differ and `torch.manual_seed` reproduces it).
+    """
     if not isinstance(cfg, DataConfig):
         raise ValueError(f"cfg must be a DataConfig, got {type(cfg).__name__}")
     paths = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(p) for p in path]
@@ -533,9 +516,12 @@ def load_study(
     cache = Path(cfg.cache_dir) / f"{cache_key(paths, cfg, rescale)}.safetensors" if cfg.cache_dir else None
     study = _cache_read(cache) if cache is not None else None
     if study is None:
-        tf = _transforms(cfg)
-        raw = [_read(p, cfg, rescale) for p in paths]
-        study = _assemble([tf(r) for r in raw], cfg, [r["native_depth"] for r in raw])
+        tf, dicts, native = _transforms(cfg), [], []
+        for p in paths:  # one native-resolution volume in memory at a time
+            raw = _read(p, cfg, rescale)
+            native.append(raw["native_depth"])
+            dicts.append(tf(raw))
+        study = _assemble(dicts, cfg, native)
         if cache is not None:
             _cache_write(cache, study)
     if train and cfg.augment:

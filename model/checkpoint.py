@@ -174,3 +174,52 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
         model.to(dtype)
     model.eval()
     return model
+
+
+def init_from_checkpoint(cfg: Any, path: str | os.PathLike) -> Any:
+    """Start a new stage: build a MedVLM from the run config `cfg` (its trainable policy, LoRA
+    settings and variant), taking every weight that the previous stage's checkpoint holds.
+
+    The LLM base comes from `<path>/llm` (or the external folder it names); an existing
+    `adapter/` is loaded (trainable when the policy says `lora`), otherwise LoRA starts fresh
+    when the policy asks for it. Non-LLM weights load from `model.safetensors`; modules that the
+    checkpoint lacks (e.g. a TG-IS head first added in this stage) keep their initialisation.
+    """
+    from medvlm3d.model.llm import apply_lora, build_llm, load_tokenizer
+    from medvlm3d.model.medvlm import MedVLM
+
+    root = Path(path)
+    if not (root / "model.safetensors").is_file():
+        raise FileNotFoundError(f"train.init_from={str(root)!r} is not a medvlm3d checkpoint (no model.safetensors)")
+    meta = json.loads((root / "checkpoint.json").read_text(encoding="utf-8"))
+    cfg = copy.deepcopy(cfg)
+    cfg.model.llm.tokenizer = str(root / "tokenizer")
+    tokenizer = load_tokenizer(cfg.model.llm)
+    llm_cfg = copy.deepcopy(cfg.model.llm)
+    llm_cfg.path = str(root / "llm") if (root / "llm").is_dir() else meta.get("external_llm", "")
+    if not llm_cfg.path:
+        raise FileNotFoundError(f"{root}: no llm/ folder and no external LLM path in checkpoint.json")
+    llm = build_llm(llm_cfg, tokenizer)
+    if (root / "adapter").is_dir():
+        from peft import PeftModel
+
+        llm = PeftModel.from_pretrained(llm, str(root / "adapter"), is_trainable=cfg.model.trainable.llm == "lora")
+        if cfg.model.trainable.llm == "full":
+            llm = llm.merge_and_unload()
+    elif cfg.model.trainable.llm == "lora":
+        llm = apply_lora(llm, cfg.model.llm.lora)
+    if not cfg.model.llm.path:
+        # The base now lives in the checkpoint chain; later saves store it again (see save_pretrained).
+        cfg.model.llm.path = ""
+    model = MedVLM(cfg, tokenizer, llm=llm, load_external_weights=False)
+    state = load_file(str(root / "model.safetensors"))
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    skipped = sorted(set(state) - set(usable))
+    model.load_state_dict(usable, strict=False)
+    fresh = sorted(k for k in own if k not in usable and not k.startswith(LLM_PREFIX) and not k.startswith("text_encoder."))
+    if skipped:
+        log.warning("init_from %s: %d tensors did not fit this config and were skipped (e.g. %s)", root, len(skipped), skipped[:3])
+    if fresh:
+        log.info("init_from %s: %d tensors start fresh in this stage (e.g. %s)", root, len(fresh), fresh[:3])
+    return model

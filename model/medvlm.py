@@ -292,10 +292,10 @@ class MedVLM(nn.Module):
 
         return generate(self, volume=volume, prompt=prompt, **kwargs)
 
-    def save_pretrained(self, path: str, **kwargs: Any) -> None:
+    def save_pretrained(self, path: str, **kwargs: Any) -> Any:
         from medvlm3d.model.checkpoint import save_pretrained
 
-        save_pretrained(self, path, **kwargs)
+        return save_pretrained(self, path, **kwargs)
 
 
 def build_model(cfg: RunConfig, tokenizer: Any = None) -> MedVLM:

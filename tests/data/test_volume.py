@@ -5,7 +5,6 @@ Fixtures are tiny volumes written into tmp_path with nibabel, pydicom 3 and nump
 
 from __future__ import annotations
 
-import gzip
 import time
 from pathlib import Path
 
@@ -24,7 +23,8 @@ from medvlm3d.data.volume import Study, build_transforms, load_study, load_volum
 CT_SOP, MR_SOP, ENH_CT_SOP = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.2.1"
 
 
-def nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None, scl: tuple[float, float] | None = None) -> Path:
+def nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None,
+          scl: tuple[float, float] | None = None) -> Path:
     img = nib.Nifti1Image(data, np.eye(4) if affine is None else affine)
     if scl is not None:
         img.header.set_slope_inter(*scl)
@@ -166,6 +166,22 @@ def test_dicom_series_sorted_by_position_with_rescale(tmp_path: Path) -> None:
     assert torch.all(vol[0, :, 7, 0] == 1.0) and float(vol[0, 0, 0, 9]) < 1.0
 
 
+def test_dicom_sagittal_series_geometry(tmp_path: Path) -> None:
+    # rows run posterior (LPS +y), columns run inferior; slices step toward the left (LPS +x)
+    folder, uid = tmp_path / "sag", generate_uid()
+    folder.mkdir()
+    for k in range(5):
+        hu = np.full((8, 10), -500.0 + 200.0 * k)
+        if k == 1:
+            hu[0, 0] = 1000.0  # superior-most row, anterior-most column
+        dicom_file(folder / f"s{(k * 3) % 5}", hu + 1024, series=uid, InstanceNumber=5 - k, RescaleIntercept=-1024,
+                   RescaleSlope=1, ImagePositionPatient=[3.0 * k, 0.0, 0.0], ImageOrientationPatient=[0, 1, 0, 0, 0, -1],
+                   PixelSpacing=[1.0, 1.0])
+    vol = load_volume(folder, size=(8, 10, 5))
+    assert [float(vol[0, 4, 4, w]) for w in range(5)] == pytest.approx([expected_graded(4 - w) for w in range(5)])
+    assert np.unravel_index(int(vol.argmax()), vol.shape[1:]) == (7, 9, 3)  # D top, H anterior, W = right-to-left
+
+
 def test_dicom_mr_modality_tag_gives_percentiles(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     folder = series(tmp_path / "mr", rng.uniform(100, 300, (5, 8, 8)).round(), slope=1.0, intercept=0.0, modality="MR")
@@ -272,8 +288,8 @@ def test_bad_volumes_name_the_file(tmp_path: Path) -> None:
     raises_naming(p, load_volume, p, match="2D")
     p = nifti(tmp_path / "time.nii.gz", np.zeros((8, 8, 4, 3), np.int16))
     raises_naming(p, load_volume, p, match="3 time points")
-    assert load_volume(nifti(tmp_path / "t1.nii.gz", np.zeros((8, 8, 4, 1), np.int16) - 1000), size=(4, 8, 8)).shape \
-        == (1, 4, 8, 8)  # a single time point is fine
+    one = np.arange(256, dtype=np.int16).reshape(8, 8, 4, 1) - 1000
+    assert load_volume(nifti(tmp_path / "t1.nii.gz", one), size=(4, 8, 8)).shape == (1, 4, 8, 8)  # one time point
     for bad in (np.nan, np.inf):
         data = np.zeros((8, 8, 8), np.float32)
         data[1, 2, 3] = bad
@@ -313,7 +329,7 @@ def test_oversize_refuse_and_downsample(tmp_path: Path) -> None:
     folder = series(tmp_path / "bigser", graded_hu(k=6))
     assert load_volume(folder, size=(3, 4, 5), max_voxels=60).shape == (1, 3, 4, 5)
     raises_naming(folder, load_volume, folder, max_voxels=60, oversize="refuse", match="max_voxels")
-    np.save(tmp_path / "big.npy", np.zeros((1, 8, 16, 16), np.float32))
+    np.save(tmp_path / "big.npy", np.random.default_rng(0).uniform(0, 1, (1, 8, 16, 16)).astype(np.float32))
     assert load_volume(tmp_path / "big.npy", size=(8, 16, 16), max_voxels=512).shape == (1, 8, 16, 16)
 
 

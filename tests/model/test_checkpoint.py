@@ -1,0 +1,121 @@
+"""save_pretrained / load_pretrained: identical logits and text, self-contained, atomic, no pickle."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import medvlm3d
+from medvlm3d.data.collate import Collator
+from medvlm3d.data.dataset import StudyDataset
+from medvlm3d.data.config import load_config
+from medvlm3d.model import checkpoint as ckpt
+from medvlm3d.model.medvlm import MedVLM, build_model
+
+
+def _batch(model: MedVLM, records: list[dict]) -> dict:
+    ds = StudyDataset(records[:2], model.cfg.data, model.tokenizer, model.num_visual_tokens)
+    return Collator(model.tokenizer.pad_token_id)([ds[0], ds[1]])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_tokenizer_dir: Path) -> MedVLM:
+    """A tiny model whose LoRA B matrices and heads are non-zero (as after training), built
+    from a private tokenizer copy that is deleted before loading: the folder must suffice."""
+    tok = tmp_path_factory.mktemp("tok_copy") / "tok"
+    shutil.copytree(tiny_tokenizer_dir, tok)
+    torch.manual_seed(0)
+    m = build_model(load_config("tiny", [f"model.llm.tokenizer={tok}"]))
+    with torch.no_grad():
+        for name, p in m.llm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    shutil.rmtree(tok)
+    return m.eval()
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["adapter", "merged"])
+def test_round_trip_gives_identical_logits_and_text(trained: MedVLM, phantom_records, tmp_path: Path, merge: bool) -> None:
+    out_dir = trained.save_pretrained(tmp_path / "ckpt", merge_lora=merge) or tmp_path / "ckpt"
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert {"config.yaml", "model.safetensors", "tokenizer", "llm", "checkpoint.json"} <= set(names)
+    assert ("adapter" in names) != merge
+    loaded = medvlm3d.load_pretrained(tmp_path / "ckpt")
+    batch = _batch(trained, phantom_records)
+    with torch.no_grad():
+        a, b = trained(**batch), loaded(**batch)
+    if merge:
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+    else:
+        assert torch.equal(a.logits, b.logits)
+    assert torch.equal(a.scores, b.scores)
+    rec = phantom_records[0]
+    g1 = trained.generate(volume=rec["image"], prompt=rec["question"], max_new_tokens=8)
+    g2 = loaded.generate(volume=rec["image"], prompt=rec["question"], max_new_tokens=8)
+    assert g1.text == g2.text
+    torch.testing.assert_close(g1.scores, g2.scores)
+    assert g1.scores.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_merged_llm_loads_with_plain_transformers(trained: MedVLM, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    ckpt.save_pretrained(trained, tmp_path / "m", merge_lora=True)
+    llm = AutoModelForCausalLM.from_pretrained(tmp_path / "m" / "llm", local_files_only=True)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        ref = trained.llm(input_ids=ids).logits
+    torch.testing.assert_close(llm(input_ids=ids).logits, ref, atol=1e-5, rtol=1e-5)
+    meta = json.loads((tmp_path / "m" / "checkpoint.json").read_text())
+    assert meta["llm_layout"] == "merged" and meta["num_visual_tokens"] == trained.num_visual_tokens
+
+
+def test_failed_save_leaves_the_previous_checkpoint_whole(trained: MedVLM, tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "ckpt"
+    ckpt.save_pretrained(trained, target)
+    before = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_pretrained(trained, target)
+    after = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    assert after == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folder left behind"
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (Path.touch, (Path(_Exploit.marker),))
+
+
+def test_crafted_pickle_is_refused_and_never_runs(trained: MedVLM, tmp_path: Path) -> None:
+    target = tmp_path / "ckpt"
+    ckpt.save_pretrained(trained, target)
+    _Exploit.marker = str(tmp_path / "pwned")
+    (target / "model.safetensors").write_bytes(pickle.dumps({"w": _Exploit()}))
+    with pytest.raises(Exception):
+        medvlm3d.load_pretrained(target)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_missing_or_foreign_folder_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a medvlm3d checkpoint"):
+        medvlm3d.load_pretrained(tmp_path / "nope")
+    with pytest.raises(ValueError, match="save_base_llm"):
+        ckpt.save_pretrained(object(), tmp_path / "x", save_base_llm="sometimes")
+
+
+def test_init_from_checkpoint_keeps_weights_and_adds_fresh_lora(trained: MedVLM, tmp_path: Path, tiny_cfg) -> None:
+    ckpt.save_pretrained(trained, tmp_path / "stage", merge_lora=True)
+    nxt = ckpt.init_from_checkpoint(tiny_cfg("model.trainable.encoder3d=frozen"), tmp_path / "stage")
+    torch.testing.assert_close(nxt.encoder3d.state_dict(), trained.encoder3d.state_dict())
+    assert any("lora_A" in n for n, _ in nxt.llm.named_parameters())
+    assert not any(p.requires_grad for p in nxt.encoder3d.parameters())

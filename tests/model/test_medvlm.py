@@ -1,0 +1,157 @@
+"""The composite model: splicing, slice scores, variable S, variants, a step, regression value."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medvlm3d.data.collate import Collator
+from medvlm3d.data.dataset import StudyDataset
+from medvlm3d.model.medvlm import MedVLM, build_model
+
+
+def batch_for(model: MedVLM, records: list[dict], n: int = 3, drop_slices: dict[int, int] | None = None) -> dict:
+    ds = StudyDataset(records[:n], model.cfg.data, model.tokenizer, model.num_visual_tokens)
+    samples = [ds[i] for i in range(n)]
+    for i, k in (drop_slices or {}).items():  # give sample i fewer slices (S varies in the batch)
+        for key in ("slices", "slice_plane", "slice_index", "slice_pos", "slice_target"):
+            samples[i][key] = samples[i][key][:, :-k]
+    return Collator(model.tokenizer.pad_token_id)(samples)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_cfg) -> MedVLM:
+    torch.manual_seed(0)
+    return build_model(tiny_cfg()).eval()
+
+
+def test_spliced_positions_hold_the_visual_tokens(model: MedVLM, phantom_records: list[dict]) -> None:
+    batch = batch_for(model, phantom_records, n=2)
+    seen = {}
+    hook = model.llm.get_base_model().register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
+    )
+    captured = {}
+    orig = model.encode_images
+
+    def spy(*a, **k):
+        captured["vis"] = orig(*a, **k)
+        return captured["vis"]
+
+    model.encode_images = spy
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        hook.remove()
+        del model.encode_images
+    slots = batch["input_ids"] == model.image_token_id
+    assert int(slots.sum()) == 2 * model.num_visual_tokens
+    torch.testing.assert_close(seen["embeds"][slots], captured["vis"].tokens.reshape(-1, model.width))
+    text_pos = ~slots & batch["attention_mask"].bool()
+    plain = model.llm.get_input_embeddings()(batch["input_ids"])
+    torch.testing.assert_close(seen["embeds"][text_pos], plain[text_pos])
+
+
+def test_scores_sum_to_one_and_padding_gets_zero(model: MedVLM, phantom_records: list[dict]) -> None:
+    batch = batch_for(model, phantom_records, n=3, drop_slices={0: 5, 2: 2})
+    with torch.no_grad():
+        out = model(**batch)
+    S = batch["slice_mask"].shape[1]
+    assert out.scores.shape == (3, S)
+    torch.testing.assert_close(out.scores.sum(-1), torch.ones(3))
+    assert torch.all(out.scores[~batch["slice_mask"]] == 0)
+    assert int(batch["slice_mask"][0].sum()) == S - 5
+    torch.testing.assert_close(out.teacher.sum(-1), torch.ones(3))
+    assert torch.all(out.teacher[~batch["slice_mask"]] == 0)
+
+
+def test_batch_mixing_matches_each_study_alone(model: MedVLM, phantom_records: list[dict]) -> None:
+    """A study with fewer slices and a shorter prompt gives the same answer in a padded batch."""
+    mixed = batch_for(model, phantom_records, n=3, drop_slices={0: 5})
+    alone = batch_for(model, phantom_records, n=1, drop_slices={0: 5})
+    with torch.no_grad():
+        a, b = model(**mixed), model(**alone)
+    n_real = int(alone["attention_mask"][0].sum())
+    torch.testing.assert_close(a.logits[0, :n_real], b.logits[0, :n_real], atol=1e-5, rtol=1e-4)
+    s_real = int(alone["slice_mask"][0].sum())
+    torch.testing.assert_close(a.scores[0, :s_real], b.scores[0, :s_real], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "variant, expected",
+    [
+        ("2e3", lambda m: m.projector3d.num_tokens + m.slice_encoder.num_tokens),
+        ("2e3_interslice", lambda m: m.projector3d.num_tokens + m.slice_encoder.num_tokens),
+        ("3d_only", lambda m: m.projector3d.num_tokens),
+        ("2d_only", lambda m: m.cfg.model.vote_mi.num_picks * m.slice_encoder.num_tokens),
+    ],
+)
+def test_variants_build_and_run(tiny_cfg, phantom_records: list[dict], variant: str, expected) -> None:
+    m = build_model(tiny_cfg(f"model.variant={variant}")).eval()
+    assert m.num_visual_tokens == expected(m)
+    assert (m.tgis is not None) == variant.startswith("2e3")
+    assert (m.inter_slice is not None) == (variant == "2e3_interslice")
+    assert (m.encoder3d is not None) == (variant != "2d_only")
+    with torch.no_grad():
+        out = m(**batch_for(m, phantom_records, n=2))
+    assert torch.isfinite(out.loss)
+    assert (out.scores is not None) == variant.startswith("2e3")
+
+
+def test_one_optimizer_step_on_phantom_batches(tiny_cfg, phantom_records: list[dict]) -> None:
+    torch.manual_seed(1)
+    m = build_model(tiny_cfg()).train()
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+    before = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+    out = m(**batch_for(m, phantom_records, n=4))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    opt.step()
+    changed = {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad and not torch.equal(before[n], p)}
+    assert {"encoder3d", "slice_encoder", "tgis", "projector3d", "projector2d", "llm"} <= changed
+
+
+def test_lora_touches_only_the_llm(tiny_cfg) -> None:
+    m = build_model(tiny_cfg("model.trainable.encoder3d=frozen", "model.trainable.slice_encoder=frozen",
+                             "model.trainable.tgis=frozen", "model.trainable.projector=frozen"))
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("llm.") and "lora_" in n for n in trainable)
+
+
+def test_fixed_seed_regression_value(tiny_cfg) -> None:
+    """Pins the tiny model's initial loss on a fixed synthetic batch: a change in any component's
+    construction, initialisation or wiring moves this number."""
+    torch.manual_seed(0)
+    m = build_model(tiny_cfg()).eval()
+    g = torch.Generator().manual_seed(0)
+    nv, S = m.num_visual_tokens, 16
+    ids = torch.cat([torch.tensor([[1]]), torch.full((1, nv), m.image_token_id), torch.randint(10, 300, (1, 12), generator=g)], 1)
+    batch = dict(
+        input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.where(ids != m.image_token_id, -100),
+        volumes=torch.rand(1, 1, 16, 32, 32, generator=g), slices=torch.rand(1, S, 1, 32, 32, generator=g),
+        slice_mask=torch.ones(1, S, dtype=torch.bool), slice_pos=(torch.arange(S) + 0.5)[None] / S,
+        slice_plane=torch.zeros(1, S, dtype=torch.long), image_to_sample=torch.zeros(1, dtype=torch.long),
+        question_ids=ids[:, -12:], question_mask=torch.ones(1, 12, dtype=torch.long),
+    )
+    with torch.no_grad():
+        out = m(**batch)
+    assert out.loss.item() == pytest.approx(REGRESSION_LOSS, abs=1e-4)
+    assert out.scores[0].max().item() == pytest.approx(REGRESSION_MAX_SCORE, abs=1e-5)
+
+
+REGRESSION_LOSS = 6.006555  # recorded on CPU, torch 2.14.1 / timm 1.0.31 / monai 1.6.1 / transformers 5.23
+REGRESSION_MAX_SCORE = 0.0627558
+
+
+def test_bad_arguments(tiny_cfg, model: MedVLM, phantom_records: list[dict]) -> None:
+    with pytest.raises(ValueError, match="must equal data.size"):
+        build_model(tiny_cfg("data.size=[16,64,64]"))
+    with pytest.raises(ValueError, match="RunConfig"):
+        build_model({"model": {}})
+    batch = batch_for(model, phantom_records, n=2)
+    with pytest.raises(ValueError, match="<image> tokens"):
+        model.splice(batch["input_ids"], torch.zeros(1, model.num_visual_tokens, model.width))
+    batch["image_to_sample"] = torch.tensor([1, 0])
+    with pytest.raises(ValueError, match="ordered by sample"):
+        model(**batch)
