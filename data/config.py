@@ -41,6 +41,8 @@ class DataConfig:
     val: str = ""
     test: str = ""
     kind: str = "auto"  # auto | manifest | m3d_cap | m3d_vqa | ct_rate
+    train_split: str = ""  # split inside a multi-split source: M3D-Cap train|validation|test, CT-RATE train|valid
+    eval_split: str = ""  # the same for `val` / `test` sources
     data_root: str = ""
     task: str = ""  # "" keeps the records' own task; report | vqa | vqa_closed | vqa_open
     vqa_mode: str = "closed"  # closed | open, for M3D-VQA

@@ -9,10 +9,15 @@
         slice_pos [n_img, S]; native_depth list[int] (axial count of the RAS volume as stored)
     build_transforms(cfg, train=False) -> monai Compose over {"image": MetaTensor [1, X, Y, Z], ...}
 
-Reading (`_read`): NIfTI with MONAI `LoadImage(NibabelReader)` (nibabel applies the header's
-scl_slope/scl_inter); a DICOM series folder or a multi-frame DICOM file with pydicom
-(`data/dicom.py`: sorted along the slice normal, RescaleSlope/Intercept applied); M3D `.npy`
-(`np.load(allow_pickle=False)`, [1, D, H, W] or [D, H, W], already in [0, 1] and passed through).
+Reading (`_read`):
+  - NIfTI: nibabel (it applies the header's scl_slope/scl_inter) into a MetaTensor with the
+    file's affine. Not MONAI's LoadImage: its NibabelReader copies the Fortran-ordered voxels
+    to C order (about 1 s per 512x512x200 volume here), while in nibabel's own layout the
+    [Z, Y, X] permute below is contiguous.
+  - DICOM series folder / multi-frame file: pydicom (`data/dicom.py`: sorted along the slice
+    normal, RescaleSlope/Intercept applied, LPS -> RAS affine).
+  - M3D `.npy`: `np.load(allow_pickle=False)`, [1, D, H, W] or [D, H, W], already in [0, 1],
+    passed through (identity affine, no orientation or windowing).
 Inputs over `max_voxels` are refused or stride-subsampled *before* conversion to float.
 
 Axes: MONAI's RAS array [C, X, Y, Z] is permuted to [C, Z, Y, X]: D runs inferior -> superior,
@@ -126,8 +131,9 @@ def _read_nifti(path: Path, plan: Any) -> tuple[MetaTensor, tuple[int, ...], boo
     header_scaled = (float(img.dataobj.slope), float(img.dataobj.inter)) != (1.0, 0.0)
     strides = plan(shape[:3])
     slicer = tuple(slice(None, None, s) for s in strides) + (0,) * (len(shape) - 3)
-    # NIfTI voxels are stored in Fortran order: kept as is, [X, Y, Z] -> [Z, Y, X] is then contiguous
-    arr = np.asarray(img.dataobj[slicer], dtype=np.float32)  # scl_slope / scl_inter applied by nibabel
+    # a private, writable float32 copy (an uncompressed file may come back as a read-only memmap) in
+    # the file's Fortran order, so that [X, Y, Z] -> [Z, Y, X] is contiguous; nibabel applies scl_*
+    arr = np.array(img.dataobj[slicer], dtype=np.float32, order="K")
     affine = np.array(img.affine, dtype=np.float64)
     affine[:3, :3] *= np.asarray(strides, dtype=np.float64)
     image = MetaTensor(torch.from_numpy(arr)[None], affine=torch.as_tensor(affine), meta={"space": "RAS"})
@@ -138,7 +144,7 @@ def _read_npy(path: Path, plan: Any) -> tuple[MetaTensor, tuple[int, ...]]:
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as e:
-        raise DataError(f"{path}: not a numeric .npy array (object arrays are never unpickled): {e}") from e
+        raise DataError(f"{path}: unreadable .npy array (object arrays are never unpickled): {e}") from e
     if arr.dtype.kind not in "fiu":
         raise DataError(f"{path}: .npy dtype {arr.dtype}; expected float or integer voxels")
     if arr.ndim == 4 and arr.shape[0] > 1:
@@ -152,25 +158,31 @@ def _read_npy(path: Path, plan: Any) -> tuple[MetaTensor, tuple[int, ...]]:
     lo, hi = float(data.min()), float(data.max())
     if lo < -1e-3 or hi > 1 + 1e-3:
         raise DataError(f"{path}: M3D .npy values must already lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
-    data = np.clip(data, 0.0, 1.0).transpose(2, 1, 0)  # [D, H, W] -> RAS-like [X, Y, Z]
-    image = MetaTensor(torch.from_numpy(np.ascontiguousarray(data))[None], meta={"space": "RAS"})
+    data = np.clip(data, 0.0, 1.0).transpose(2, 1, 0)  # [D, H, W] -> RAS-like [X, Y, Z] (a view)
+    image = MetaTensor(torch.from_numpy(data)[None], meta={"space": "RAS"})
     return image, vol.shape[::-1]
 
 
-def _robust_low(t: torch.Tensor) -> float:
-    """1st percentile of the voxels above the minimum, on a subsample of <= ~1M voxels."""
-    flat = t.reshape(-1)[:: max(1, t.numel() // 1_000_000)].float()
-    above = flat[flat > flat.min()]
-    return float(torch.quantile(above, 0.01)) if above.numel() else float(flat.min())
+def _flat(image: torch.Tensor) -> torch.Tensor:
+    """[1, X, Y, Z] -> 1D; a view for the readers' layouts (their [Z, Y, X] order is contiguous)."""
+    t = image.as_tensor() if isinstance(image, MetaTensor) else image
+    return t.permute(0, 3, 2, 1).reshape(-1)
 
 
-def looks_raw_ct(t: torch.Tensor) -> bool:
-    """True when CT values look like raw stored values (not yet HU); see the module docstring."""
-    return _robust_low(t) >= RAW_MIN and float(t.max()) > RAW_MAX
+def looks_raw_ct(values: torch.Tensor) -> bool:
+    """True when CT values look like raw stored values, not yet HU (see the module docstring):
+    the 1st percentile of the voxels above the minimum (on <= ~1M of them) is >= RAW_MIN and the
+    maximum is > RAW_MAX."""
+    flat = values.reshape(-1)
+    sub = flat[:: max(1, flat.numel() // 1_000_000)].float()
+    above = sub[sub > sub.min()]
+    low = float(torch.quantile(above, 0.01)) if above.numel() else float(sub.min())
+    return low >= RAW_MIN and float(flat.max()) > RAW_MAX
 
 
 def _read(path: Path, cfg: DataConfig, rescale: tuple[float, float] | None = None) -> dict[str, Any]:
-    """-> {"image": MetaTensor [1, X, Y, Z] float32 (RAS affine), "modality", "native_depth", "path"}."""
+    """-> {"image": MetaTensor [1, X, Y, Z] float32 (RAS affine), "modality", "range" (min, max),
+    "native_depth", "path"}."""
     if not path.exists():
         raise DataError(f"{path}: file or folder not found")
     plan = functools.partial(plan_strides, max_voxels=cfg.max_voxels, oversize=cfg.oversize, where=str(path))
@@ -192,16 +204,19 @@ def _read(path: Path, cfg: DataConfig, rescale: tuple[float, float] | None = Non
         raise
     except Exception as e:  # corrupt / truncated files surface as many exception types
         raise DataError(f"{path}: cannot read the volume ({type(e).__name__}: {e})") from e
-    finite = torch.isfinite(image)
-    if not bool(finite.all()):
-        raise DataError(f"{path}: {int((~finite).sum())} NaN or Inf voxels; expected finite values")
+    flat = _flat(image)
+    lo, hi = (float(v) for v in torch.aminmax(flat))  # one pass; NaN / Inf show up here
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise DataError(f"{path}: {int((~torch.isfinite(flat)).sum())} NaN or Inf voxels; expected finite values")
     if rescale is not None and kind != "nifti":
         logger.info("%s: rescale %s ignored for %s input (DICOM tags are used; npy is normalised)", path, rescale, kind)
     elif rescale is not None and tuple(rescale) != (1.0, 0.0):
         if header_scaled:
             logger.info("%s: NIfTI header scl_slope/scl_inter already applied; rescale %s ignored", path, rescale)
-        elif looks_raw_ct(image.as_tensor()):
-            image = image * float(rescale[0]) + float(rescale[1])
+        elif looks_raw_ct(flat):
+            slope, inter = float(rescale[0]), float(rescale[1])
+            image = image * slope + inter
+            lo, hi = sorted((lo * slope + inter, hi * slope + inter))
         else:
             logger.info("%s: values already look like HU; rescale %s not applied", path, rescale)
     if kind == "npy":
@@ -209,9 +224,10 @@ def _read(path: Path, cfg: DataConfig, rescale: tuple[float, float] | None = Non
     elif cfg.modality != "auto":
         modality = cfg.modality
     else:
-        modality = tag_modality or ("ct" if rescale is not None or float(image.min()) < RAW_MIN else "mri")
+        modality = tag_modality or ("ct" if rescale is not None or lo < RAW_MIN else "mri")
     z_axis = [int(a) for a in nib.orientations.io_orientation(image.affine.numpy())[:, 0]].index(2)
-    return {"image": image, "modality": modality, "native_depth": int(native[z_axis]), "path": str(path)}
+    return {"image": image, "modality": modality, "range": (lo, hi), "native_depth": int(native[z_axis]),
+            "path": str(path)}
 
 
 # ---------------------------------------------------------------------------------- transforms
@@ -241,8 +257,9 @@ class _Intensityd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
-            if float(img.max()) == float(img.min()):
-                warnings.warn(f"{d.get('path', key)}: constant volume ({float(img.min())}); normalised to zeros")
+            lo, hi = d.get("range") or (float(v) for v in torch.aminmax(img))  # "range": from _read
+            if lo == hi:
+                warnings.warn(f"{d.get('path', key)}: constant volume ({lo}); normalised to zeros")
                 d[key] = torch.zeros_like(img)
             elif d.get("modality") == "ct":
                 d[key] = self.ct(img)

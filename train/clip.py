@@ -209,10 +209,10 @@ class ContrastiveModel(nn.Module):
 def _top1(sim: torch.Tensor, texts: Sequence[str]) -> tuple[float, float]:
     """(image->text, text->image) top-1 accuracy of sim [B_img, B_txt]; a hit is a retrieved
     item whose report text equals the true one (identical reports are indistinguishable)."""
-    same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.bool)
-    rows = torch.arange(len(texts))
-    i2t = same[rows, sim.argmax(dim=1).cpu()].float().mean().item()
-    t2i = same[sim.argmax(dim=0).cpu(), rows].float().mean().item()
+    index: dict[str, int] = {}
+    text_id = torch.tensor([index.setdefault(t, len(index)) for t in texts])
+    i2t = (text_id[sim.argmax(dim=1).cpu()] == text_id).float().mean().item()
+    t2i = (text_id[sim.argmax(dim=0).cpu()] == text_id).float().mean().item()
     return i2t, t2i
 
 

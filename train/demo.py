@@ -1,0 +1,131 @@
+"""`medvlm3d demo`: the embedded default, end to end on one CPU.
+
+    1. phantom studies: a training split and a held-out test split made from unseen seeds
+    2. a tokenizer trained on the training corpus
+    3. stage0_text -> stage0_clip -> stage1_align -> stage2_finetune, each from the previous export
+    4. evaluation on the held-out split, with the four figures the demo must reach:
+       closed-VQA accuracy, lesion-presence F1 from generated reports, TG-IS mass on the true
+       slices of the lesion a question asks about, and the drop of an image-blind control.
+
+Everything lands in the run folder (`--out`): data/, tokenizer/, stage*/ (each with its
+checkpoints and `final/` export), eval/ (predictions and metrics) and report.json / report.md.
+Stage settings come from configs/demo.yaml layered with configs/stage*.yaml; `--set` overrides
+apply to every stage (e.g. `--set model.vote_mi.teacher=votes`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from medvlm3d.data.config import load_config
+
+log = logging.getLogger(__name__)
+
+STAGES = ("stage0_text", "stage0_clip", "stage1_align", "stage2_finetune")
+TARGETS = {"closed_vqa_accuracy": 0.85, "presence_f1": 0.85, "slice_mass": 0.6, "blind_drop": 0.25}
+
+
+def make_data(out: Path, n_train: int, n_test: int) -> tuple[Path, Path, Path]:
+    """Phantom train (seed 0) and test (seed 1) manifests, and a tokenizer on the train corpus."""
+    from medvlm3d.data.readers import read_records
+    from medvlm3d.data.synthetic import check_disjoint_seeds, corpus_texts, make_dataset
+    from medvlm3d.data.tokenizer import train_tokenizer
+
+    check_disjoint_seeds((0, n_train), (1, n_test))
+    train = make_dataset(out / "data" / "train", n_train, seed=0)
+    test = make_dataset(out / "data" / "test", n_test, seed=1)
+    tok = out / "tokenizer"
+    train_tokenizer(corpus_texts(read_records(train)), tok, vocab_size=1000)
+    return train, test, tok
+
+
+def run_stages(
+    out: Path,
+    train_manifest: Path,
+    tokenizer: Path,
+    overrides: Sequence[str] = (),
+    stages: Sequence[str] = STAGES,
+    init_from: str = "",
+    config: str = "demo",
+) -> Path:
+    """Run `stages` in order, each starting from the previous stage's export; returns the last."""
+    from medvlm3d.train.recipe import run_training
+
+    prev = init_from
+    for stage in stages:
+        cfg = load_config(
+            config,
+            [
+                f"data.train={train_manifest}",
+                f"model.llm.tokenizer={tokenizer}",
+                f"train.output_dir={out / stage}",
+                f"train.init_from={prev}",
+                *overrides,
+            ],
+            layers=[stage],
+        )
+        t0 = time.perf_counter()
+        prev = str(run_training(cfg))
+        log.info("%s done in %.0f s -> %s", stage, time.perf_counter() - t0, prev)
+    return Path(prev)
+
+
+def evaluate_demo(checkpoint: Path, test_manifest: Path, out: Path, meteor: bool = False) -> dict[str, Any]:
+    """The demo's figures on the held-out split (see TARGETS)."""
+    from medvlm3d.data.readers import read_records
+    from medvlm3d.eval.runner import evaluate
+    from medvlm3d.model.checkpoint import load_pretrained
+
+    model = load_pretrained(checkpoint)
+    records = read_records(test_manifest)
+    closed = evaluate(model, records, "vqa_closed", out_dir=out / "vqa_closed", meteor=meteor)
+    blind = evaluate(model, records, "vqa_closed", out_dir=out / "vqa_closed_blind", blind=True, meteor=meteor)
+    report = evaluate(model, records, "report", out_dir=out / "report", meteor=meteor)
+    figures = {
+        "closed_vqa_accuracy": closed["accuracy"],
+        "presence_f1": report["clinical_efficacy"]["per_label"]["lesion"]["f1"],
+        "slice_mass": closed["slice_mass"],
+        "blind_drop": closed["accuracy"] - blind["accuracy"],
+    }
+    return {"figures": figures, "vqa_closed": closed, "vqa_closed_blind": blind, "report": report}
+
+
+def format_figures(figures: dict[str, float]) -> str:
+    lines = [f"{'figure':<24}{'value':>8}{'target':>9}  ok"]
+    for key, target in TARGETS.items():
+        value = figures[key]
+        lines.append(f"{key:<24}{value:>8.3f}{'>= ' + format(target, '.2f'):>9}  {'yes' if value >= target else 'NO'}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    parser.add_argument("--n-train", type=int, default=240, help="training studies (seed 0)")
+    parser.add_argument("--n-test", type=int, default=40, help="held-out studies (seed 1)")
+    parser.add_argument("--config", default="demo", help="model/data config (name or YAML)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every stage")
+    parser.add_argument("--skip-to", choices=STAGES, default=None, help="resume the chain at this stage")
+    parser.add_argument("--meteor", action="store_true", help="also compute METEOR (starts java)")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    train, test, tok = make_data(out, args.n_train, args.n_test)
+    stages = STAGES if args.skip_to is None else STAGES[STAGES.index(args.skip_to):]
+    init = "" if args.skip_to in (None, STAGES[0]) else str(out / STAGES[STAGES.index(args.skip_to) - 1] / "final")
+    final = run_stages(out, train, tok, args.set, stages, init_from=init, config=args.config)
+    result = evaluate_demo(final, test, out / "eval", meteor=args.meteor)
+    result["seconds"] = time.perf_counter() - t0
+    result["checkpoint"] = str(final)
+    (out / "report.json").write_text(json.dumps(result, indent=2, default=float), encoding="utf-8")
+    table = format_figures(result["figures"])
+    (out / "report.md").write_text(f"# medvlm3d demo\n\ncheckpoint: `{final}`\n\n```\n{table}\n```\n", encoding="utf-8")
+    print(table)
+    print(f"\ncheckpoint: {final}\nreport: {out / 'report.md'}\ntotal time: {result['seconds'] / 60:.1f} min")
+    return 0
