@@ -4,30 +4,35 @@
     load_study(path | [paths], cfg) -> Study (volume + slice views)
     read_records(source, kind="auto") -> list of manifest dicts
     DataError (a ValueError) for every bad input; its message names the file or record.
+
+The volume and reader names are imported on first use, so `import medvlm3d` (and every CLI
+`--help`) does not pay for importing MONAI and torch.
 """
 
-from medvlm3d.data.errors import ConfigError, DataError
-from medvlm3d.data.readers import (
-    ReadReport,
-    detect_kind,
-    read_records,
-    read_records_report,
-    validate_record,
-    write_manifest,
-)
-from medvlm3d.data.volume import Study, load_study, load_volume, slice_views
+from __future__ import annotations
 
-__all__ = [
-    "DataError",
-    "ConfigError",
-    "load_volume",
-    "load_study",
-    "slice_views",
-    "Study",
-    "read_records",
-    "read_records_report",
-    "detect_kind",
-    "validate_record",
-    "write_manifest",
-    "ReadReport",
-]
+import importlib
+from typing import Any
+
+from medvlm3d.data.errors import ConfigError, DataError
+
+_LAZY = {
+    "load_volume": "medvlm3d.data.volume",
+    "load_study": "medvlm3d.data.volume",
+    "slice_views": "medvlm3d.data.volume",
+    "Study": "medvlm3d.data.volume",
+    "read_records": "medvlm3d.data.readers",
+    "read_records_report": "medvlm3d.data.readers",
+    "detect_kind": "medvlm3d.data.readers",
+    "validate_record": "medvlm3d.data.readers",
+    "write_manifest": "medvlm3d.data.readers",
+    "ReadReport": "medvlm3d.data.readers",
+}
+
+__all__ = ["DataError", "ConfigError", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'medvlm3d.data' has no attribute {name!r}")

@@ -371,6 +371,14 @@ def findings_prf(pred_labels: Sequence[Mapping[str, Any]], ref_labels: Sequence[
 
     y_pred, y_true = matrix(pred_labels, "pred_labels"), matrix(ref_labels, "ref_labels")
     out: dict[str, Any] = {"n": len(y_true)}
+    if len(names) == 1:
+        # sklearn reads an [N, 1] indicator as a binary target and would score class 0 too.
+        p, r, f, _ = precision_recall_fscore_support(y_true[:, 0], y_pred[:, 0], average="binary", zero_division=0)
+        for avg in ("micro", "macro"):
+            out.update({f"precision_{avg}": float(p), f"recall_{avg}": float(r), f"f1_{avg}": float(f)})
+        out["per_label"] = {names[0]: {"precision": float(p), "recall": float(r), "f1": float(f),
+                                       "support": int(y_true.sum())}}
+        return out
     for avg in ("micro", "macro"):
         p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average=avg, zero_division=0)
         out.update({f"precision_{avg}": float(p), f"recall_{avg}": float(r), f"f1_{avg}": float(f)})

@@ -115,17 +115,20 @@ def slice_score_figure(
     present = [p for p in range(len(PLANES)) if (plane_ids == p).any()]
     n_strip = max(1, len(strip))
 
-    fig = Figure(figsize=(max(8.0, 1.9 * n_strip), 2.5 + 2.0 * len(present)), dpi=100)
+    fig = Figure(figsize=(max(8.0, 1.9 * n_strip), 3.0 + 2.0 * len(present)), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(1 + len(present), n_strip, height_ratios=[1.25] + [1.0] * len(present),
-                            hspace=0.55, wspace=0.08)
+    grid = fig.add_gridspec(1 + len(present), n_strip, height_ratios=[1.3] + [1.0] * len(present))
     counts = {p: int((plane_ids == p).sum()) for p in present}
     for col, j in enumerate(strip):
         ax = fig.add_subplot(grid[0, col])
         plane = PLANES[int(plane_ids[j])]
+        n_axis = int(volume.shape[1 + int(plane_ids[j])])
         vi = volume_index(volume, plane, int(index[j]), counts[int(plane_ids[j])])
+        picked = any(round(_scale_index(int(i), n_axis, counts[int(plane_ids[j])])) == int(index[j])
+                     for i in picks.get(plane, []))
         ax.imshow(slice_image(volume, plane, vi), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-        ax.set_title(f"{plane} {int(index[j])}\n{w[j]:.3f}", fontsize=9)
+        ax.set_title(f"#{col + 1} {plane} {int(index[j])}\n{w[j]:.3f}" + (" (Vote-MI)" if picked else ""),
+                     fontsize=9, color=PICK_COLOUR if picked else "black")
         ax.set_xticks([])
         ax.set_yticks([])
     top = set(strip)
@@ -146,9 +149,10 @@ def slice_score_figure(
         ax.set_xlabel(f"{plane} slice index, {AXIS_NAME[plane]}", fontsize=9)
         ax.set_ylabel(weight_label, fontsize=9)
         ax.tick_params(labelsize=8)
-        ax.legend(fontsize=8, loc="upper right", frameon=False)
+        ax.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=2, frameon=False,
+                  borderaxespad=0.1)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle("".join(c if (c.isprintable() and c != "\ufffd") or c == "\n" else "?" for c in title), fontsize=10)
     return fig
 
 

@@ -117,9 +117,11 @@ def generate(
     text = None
     if model.tgis is not None:
         text = model.text_features(batch["question_ids"], batch["question_mask"], batch["questions"], batch["image_to_sample"])
+    # Inputs follow the encoders' dtype (bf16 on GPU after load_pretrained(dtype=...)).
+    enc_dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     vis = model.encode_images(
-        batch["volumes"].to(model.width_dtype if dev.type != "cpu" else torch.float32),
-        batch["slices"], batch["slice_mask"], batch["slice_pos"], batch["slice_plane"], text,
+        batch["volumes"].to(enc_dtype), batch["slices"].to(enc_dtype),
+        batch["slice_mask"], batch["slice_pos"], batch["slice_plane"], text,
     )
     embeds = model.splice(batch["input_ids"], vis.tokens)
     tok = model.tokenizer

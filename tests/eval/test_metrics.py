@@ -345,3 +345,16 @@ def test_classification_hand_values_and_sklearn():
         classification_metrics([0, 1], [0, 1], scores=[[0.1, 0.2, 0.7]] * 2)
     with pytest.raises(DataError, match="equal in length"):
         classification_metrics([0, 1], [0])
+
+
+def test_findings_prf_single_label_scores_the_positive_class() -> None:
+    """6 'lesion' predictions against 2 true ones: precision 2/6, recall 1, support 2."""
+    from medvlm3d.eval.metrics import findings_prf
+
+    pred = [{"lesion": 1}] * 6 + [{"lesion": 0}] * 2
+    ref = [{"lesion": 1}] * 2 + [{"lesion": 0}] * 6
+    out = findings_prf(pred, ref)
+    assert out["per_label"]["lesion"]["support"] == 2
+    assert out["per_label"]["lesion"]["precision"] == pytest.approx(2 / 6)
+    assert out["per_label"]["lesion"]["recall"] == pytest.approx(1.0)
+    assert out["f1_micro"] == pytest.approx(2 * (1 / 3) / (1 / 3 + 1))

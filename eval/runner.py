@@ -1,0 +1,438 @@
+"""Benchmark runner: records -> batched generation -> predictions.jsonl + metrics.json + a table.
+
+    evaluate(model, records, task, batch_size=8, limit=None, out_dir=None, progress=True,
+             meteor=True, *, blind=False, seed=0, max_new_tokens=None, ...) -> dict
+        {"task", "n", "blind", "metrics": {...}, "tgis_slice_mass": {...} | None}
+    `medvlm3d eval --checkpoint DIR --data SRC --task report|vqa_closed|vqa_open|classify
+                   [--kind auto] [--split S] [--limit N] [--batch-size B] [--out DIR] [--no-meteor]
+                   [--blind] [--protocol standard|voteMI ...]`
+
+Records per task (`task_records`): report -> task "report"; vqa_closed -> VQA with choices;
+vqa_open -> VQA records without choices when there are any (the phantoms hold each question in
+both forms), else every VQA record asked open; classify -> records with a `label`, asked as a
+closed question whose choices are the sorted label set of all the task's records
+(`classify_record`); `limit` keeps the first N records of the task. Prompts and
+references come from `data/prompts.format_record` through `data/dataset.StudyDataset` (the
+training path: same prompt text, same volume loading with the record's CT rescale, same
+`slice_targets`). Generation is `model.generate` with lists (greedy, `cfg.eval`): one
+preprocessed tensor [1, D, H, W] per study, or the record's path(s) for multi-series studies and
+for `data.num_slices == -1` (then a CT-RATE rescale in `meta` is not applied).
+
+Metrics (eval/metrics.py): report -> M3D text metrics ("m3d"), COCO-caption metrics ("coco"),
+and clinical efficacy with the "phantom" extractor when every record carries phantom ground
+truth (`labels.lesion` and `meta.n_lesions`) or "ct_rate" when every record carries the 18
+CT-RATE `labels` ("clinical_efficacy": extracted from generated vs reference reports; for
+CT-RATE also "labels_prf": extracted from generated reports vs the dataset's 18 labels);
+vqa_closed -> `closed_vqa_accuracy` by question type; vqa_open -> `open_vqa_metrics`; classify ->
+`classification_metrics` (a prediction names the label whose "<letter>." appears first, else
+whose text appears first; "unparsed" counts the rest; no scores, so no AUROC).
+
+TG-IS slice mass: for records with `slice_labels` and a model with TG-IS scores, the score mass
+on the true slices of the (first) image, labels mapped to the model's slices by
+`data/dataset.slice_targets`; reported with the mass a uniform scorer would give and how often
+the top-scored slice is a true one.
+
+Image-blind control (`blind=True`): each record gets another study's volume through a
+deterministic derangement of the distinct images (`blind_partners`: no record keeps its own
+image); same prompts, same metrics; no slice mass (the labels belong to the other image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import random
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from medvlm3d.data.ct_rate import CT_RATE_LABELS
+from medvlm3d.data.errors import DataError
+
+log = logging.getLogger(__name__)
+
+TASKS = ("report", "vqa_closed", "vqa_open", "classify")
+PROMPT_TASK = {"report": "report", "vqa_closed": "vqa_closed", "vqa_open": "vqa_open", "classify": "vqa_closed"}
+HEADLINE = {"report": ("m3d", "bleu1"), "vqa_closed": ("accuracy",), "vqa_open": ("bleu1",), "classify": ("accuracy",)}
+LABEL_QUESTION = "Which label best describes this scan?"
+NO_LABEL = "<none>"
+LETTERS = "ABCDEFGHIJ"
+_RESCALE_KEYS = ("rescale_slope", "rescale_intercept", "RescaleSlope", "RescaleIntercept", "slope", "intercept")
+
+
+# ------------------------------------------------------------------------------ record choice
+
+
+def task_records(records: Sequence[dict[str, Any]], task: str) -> list[dict[str, Any]]:
+    """The records that `task` evaluates (see the module docstring)."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
+    if task == "report":
+        return [r for r in records if r.get("task") == "report"]
+    if task == "classify":
+        return [r for r in records if r.get("label") not in (None, "")]
+    vqa = [r for r in records if r.get("task") == "vqa"]
+    if task == "vqa_closed":
+        return [r for r in vqa if r.get("choices")]
+    open_form = [r for r in vqa if not r.get("choices")]
+    return open_form or vqa
+
+
+def label_set(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Sorted distinct `label` values: the choices of the classification question (2..10)."""
+    labels = sorted({str(r["label"]) for r in records if r.get("label") not in (None, "")})
+    if not 2 <= len(labels) <= len(LETTERS):
+        raise DataError(f"classification needs 2 to {len(LETTERS)} distinct record labels, got {labels}")
+    return labels
+
+
+def classify_record(rec: dict[str, Any], labels: Sequence[str], question: str = LABEL_QUESTION) -> dict[str, Any]:
+    """A closed VQA record asking for `rec["label"]` among `labels` (choices in that order)."""
+    label = str(rec.get("label", ""))
+    if label not in labels:
+        raise DataError(f"record {rec.get('id')!r}: label {label!r} is not one of {list(labels)}")
+    return {**rec, "task": "vqa", "question": question, "answer": label, "choices": list(labels),
+            "answer_choice": LETTERS[list(labels).index(label)], "question_type": "label"}
+
+
+def parse_choice(prediction: str, choices: Sequence[str]) -> str | None:
+    """The choice a prediction names: the first "<letter>." of a choice, else the first choice
+    text found (case-insensitive, whole words), else None."""
+    letters = LETTERS[: len(choices)]
+    m = re.search(rf"(?<![A-Za-z])([{letters}])\.", prediction)
+    if m:
+        return choices[letters.index(m.group(1))]
+    text = prediction.lower()
+    found = [(re.search(rf"(?<!\w){re.escape(c.lower())}(?!\w)", text), c) for c in choices]
+    hits = [(m.start(), c) for m, c in found if m]
+    return min(hits)[1] if hits else None
+
+
+def report_extractor(records: Sequence[dict[str, Any]]) -> str | None:
+    """"ct_rate" when every record holds the 18 CT-RATE labels, "phantom" when every record holds
+    phantom ground truth (labels.lesion and meta.n_lesions), else None."""
+    if not records:
+        return None
+    if all(set(CT_RATE_LABELS) <= set(r.get("labels") or {}) for r in records):
+        return "ct_rate"
+    if all("lesion" in (r.get("labels") or {}) and "n_lesions" in (r.get("meta") or {}) for r in records):
+        return "phantom"
+    return None
+
+
+def image_key(rec: dict[str, Any]) -> str:
+    return json.dumps(rec["image"])
+
+
+def blind_partners(records: Sequence[dict[str, Any]], seed: int = 0) -> list[int]:
+    """For each record, the index of a record whose image it borrows: the distinct images are
+    shuffled (seeded) and each maps to the next one in a cycle, so no record keeps its image."""
+    keys = [image_key(r) for r in records]
+    first: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    if len(first) < 2:
+        raise DataError(f"the image-blind control needs at least 2 distinct images, got {len(first)}")
+    order = random.Random(seed).sample(sorted(first), len(first))
+    nxt = {k: order[(j + 1) % len(order)] for j, k in enumerate(order)}
+    return [first[nxt[k]] for k in keys]
+
+
+def _blind_record(rec: dict[str, Any], donor: dict[str, Any]) -> dict[str, Any]:
+    meta = {k: v for k, v in (rec.get("meta") or {}).items() if k not in _RESCALE_KEYS}
+    meta.update({k: v for k, v in (donor.get("meta") or {}).items() if k in _RESCALE_KEYS})
+    out = {**rec, "image": donor["image"], "meta": meta, "blind_donor": donor["id"]}
+    out.pop("slice_labels", None)
+    return out
+
+
+# ------------------------------------------------------------------------------- generation
+
+
+def eval_dataset(model: Any, records: Sequence[dict[str, Any]], prompt_task: str) -> Any:
+    """StudyDataset over `records` with the model's data config, prompts formatted for `prompt_task`."""
+    from medvlm3d.data.dataset import StudyDataset
+
+    cfg = dataclasses.replace(model.cfg.data, task=prompt_task, augment=False)
+    return StudyDataset(records, cfg, model.tokenizer, model.num_visual_tokens, train=False)
+
+
+def _volume_arg(model: Any, sample: dict[str, Any]) -> Any:
+    if sample["volume"].shape[0] == 1 and model.cfg.data.num_slices != -1:
+        return sample["volume"][0]
+    return sample["record"]["image"]
+
+
+def generate_samples(
+    model: Any,
+    samples: Sequence[dict[str, Any]],
+    *,
+    prompts: Sequence[str] | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+    desc: str = "eval",
+    wrap: Callable[[list[int]], ContextManager[Any]] | None = None,
+) -> Iterator[tuple[int, dict[str, Any], str, torch.Tensor | None]]:
+    """(index, sample, generated text, TG-IS scores [S] or None) per sample, in batches; samples
+    load lazily (a StudyDataset reads one batch at a time). `prompts` overrides the samples'
+    questions; `wrap(batch indices)` gives a context entered around each batch's generation."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if prompts is not None and len(prompts) != len(samples):
+        raise ValueError(f"got {len(prompts)} prompts for {len(samples)} samples")
+    with tqdm(total=len(samples), desc=desc, unit="study", disable=not progress) as bar:
+        for start in range(0, len(samples), batch_size):
+            idx = list(range(start, min(len(samples), start + batch_size)))
+            batch = [samples[i] for i in idx]
+            questions = [prompts[i] if prompts is not None else s["question"] for i, s in zip(idx, batch)]
+            with wrap(idx) if wrap is not None else contextlib.nullcontext():
+                gen = model.generate(volume=[_volume_arg(model, s) for s in batch], prompt=questions,
+                                     max_new_tokens=max_new_tokens)
+            for j, i in enumerate(idx):
+                yield i, batch[j], gen.text[j], gen.scores[j]
+            bar.update(len(idx))
+
+
+def true_slice_mass(scores: torch.Tensor, slice_target: torch.Tensor) -> dict[str, float] | None:
+    """Mass of scores [S] on the slices where slice_target [S] is 1, the uniform scorer's mass,
+    and whether the top-scored slice is a true one; None when the shapes differ or no target."""
+    if scores is None or scores.shape != slice_target.shape or float(slice_target.sum()) <= 0:
+        return None
+    t = slice_target.float()
+    return {"mass": float((scores.float() * t).sum()), "uniform": float(t.mean()),
+            "top1_hit": float(t[int(torch.argmax(scores))] > 0)}
+
+
+# ---------------------------------------------------------------------------------- metrics
+
+
+def score_task(task: str, preds: list[str], refs: list[str], recs: list[dict[str, Any]], *, meteor: bool = True,
+               coco_tokenizer: str = "ptb", bertscore_model: str | None = None) -> dict[str, Any]:
+    """The metrics of `task` (module docstring) for predictions vs references of records `recs`."""
+    from . import metrics as M
+
+    if task == "report":
+        out: dict[str, Any] = {
+            "m3d": M.m3d_text_metrics(preds, refs, meteor=meteor, bertscore_model=bertscore_model),
+            "coco": M.coco_caption_metrics(preds, refs, tokenizer=coco_tokenizer, meteor=meteor)}
+        extractor = report_extractor(recs)
+        if extractor is not None:
+            out["extractor"] = extractor
+            out["clinical_efficacy"] = M.clinical_efficacy(preds, refs, extractor)
+        if extractor == "ct_rate":  # the dataset's 18 labels as the reference
+            out["labels_prf"] = M.findings_prf([M.ct_rate_findings(p) for p in preds], [r["labels"] for r in recs],
+                                               labels=list(CT_RATE_LABELS))
+        return out
+    types = [r.get("question_type") for r in recs]
+    qtypes = None if all(t is None for t in types) else [t if t is not None else "unknown" for t in types]
+    if task == "vqa_closed":
+        return M.closed_vqa_accuracy(preds, [ref.split(".", 1)[0] for ref in refs], qtypes)
+    if task == "vqa_open":
+        return M.open_vqa_metrics(preds, refs, qtypes, meteor=meteor, bertscore_model=bertscore_model)
+    labels = list(recs[0]["choices"])
+    y_pred = [parse_choice(p, labels) or NO_LABEL for p in preds]
+    with warnings.catch_warnings():  # sklearn warns about the NO_LABEL class; "unparsed" counts it
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        out = M.classification_metrics([r["answer"] for r in recs], y_pred, labels=labels)
+    out.update({"unparsed": sum(y == NO_LABEL for y in y_pred), "labels": labels})
+    return out
+
+
+def headline(result: dict[str, Any]) -> tuple[str, float]:
+    """(name, value) of the task's main number, e.g. ("accuracy", 0.62) for vqa_closed."""
+    value: Any = result["metrics"]
+    for key in HEADLINE[result["task"]]:
+        value = value[key]
+    return "/".join(HEADLINE[result["task"]]), float(value)
+
+
+# ---------------------------------------------------------------------------------- evaluate
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def evaluate(
+    model: Any,
+    records: Sequence[dict[str, Any]],
+    task: str,
+    batch_size: int = 8,
+    limit: int | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    meteor: bool = True,
+    *,
+    blind: bool = False,
+    seed: int = 0,
+    max_new_tokens: int | None = None,
+    label_question: str = LABEL_QUESTION,
+    coco_tokenizer: str = "ptb",
+) -> dict[str, Any]:
+    """Run `task` over `records` (see the module docstring); writes predictions.jsonl and
+    metrics.json into `out_dir` when given. Returns {"task", "n", "blind", "metrics", "tgis_slice_mass"}."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    every = task_records(records, task)
+    recs = every[:limit]
+    if not recs:
+        raise DataError(f"no records for task {task!r} among {len(records)} records")
+    items = [classify_record(r, label_set(every), label_question) for r in recs] if task == "classify" else list(recs)
+    if blind:
+        items = [_blind_record(it, items[d]) for it, d in zip(items, blind_partners(items, seed))]
+    ds = eval_dataset(model, items, PROMPT_TASK[task])
+    rows: list[dict[str, Any]] = []
+    masses: list[dict[str, float]] = []
+    for i, sample, text, scores in generate_samples(model, ds, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                                    progress=progress, desc=f"eval {task}{' blind' if blind else ''}"):
+        row = {"id": sample["id"], "prompt": sample["question"], "prediction": text, "reference": sample["target"],
+               "slice_scores": None if scores is None else [round(float(s), 6) for s in scores],
+               "question_type": items[i].get("question_type")}
+        if blind:
+            row["image_from"] = items[i]["blind_donor"]
+        if task == "classify":
+            row["label"], row["predicted_label"] = items[i]["answer"], parse_choice(text, items[i]["choices"])
+        if not blind and bool(sample["has_slice_target"][0]):
+            mass = true_slice_mass(scores, sample["slice_target"][0])
+            if mass is not None:
+                row["slice_mass"] = mass["mass"]
+                masses.append(mass)
+        rows.append(row)
+    metrics = score_task(task, [r["prediction"] for r in rows], [r["reference"] for r in rows], items, meteor=meteor,
+                         coco_tokenizer=coco_tokenizer, bertscore_model=model.cfg.eval.bertscore_model or None)
+    mass_summary = None
+    if masses:
+        mass_summary = {k: sum(m[k] for m in masses) / len(masses) for k in ("mass", "uniform", "top1_hit")}
+        mass_summary["n"] = len(masses)
+    result = {"task": task, "n": len(rows), "blind": blind, "metrics": metrics, "tgis_slice_mass": mass_summary}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        _write_atomic(out / "metrics.json", json.dumps(result, indent=2) + "\n")
+        log.info("wrote %s and %s", out / "predictions.jsonl", out / "metrics.json")
+    return result
+
+
+# ------------------------------------------------------------------------------------ tables
+
+
+def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    """Plain-text table, columns left-aligned and padded to their widest cell; floats as 0.1234."""
+    cells = [[f"{c:.4f}" if isinstance(c, float) else ("-" if c is None else str(c)) for c in row] for row in rows]
+    widths = [max(len(str(h)), *(len(r[j]) for r in cells)) for j, h in enumerate(headers)]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in d.items():
+        if k in ("per_label", "labels") or isinstance(v, (list, tuple)):
+            continue
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}/")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def metrics_table(result: dict[str, Any]) -> str:
+    """The metrics of an `evaluate` result as a two-column table (per-label details left out)."""
+    rows = list(_flatten(result["metrics"]))
+    if result.get("tgis_slice_mass"):
+        rows += [(f"tgis_slice_mass/{k}", v) for k, v in result["tgis_slice_mass"].items()]
+    title = f"eval {result['task']}: {result['n']} records{' (image-blind control)' if result['blind'] else ''}"
+    return title + "\n" + format_table(rows, ["metric", "value"])
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def read_eval_records(source: str, cfg: Any, task: str, kind: str = "auto", split: str | None = None) -> list[dict]:
+    """read_records with the checkpoint's data config; VQA tasks fix `vqa_mode` (M3D-VQA)."""
+    from medvlm3d.data.readers import detect_kind, read_records
+
+    kind = detect_kind(source) if kind == "auto" else kind
+    if split is None and kind in ("m3d_cap", "ct_rate"):
+        split = cfg.eval_split or None
+    vqa_mode = {"vqa_closed": "closed", "vqa_open": "open"}.get(task, cfg.vqa_mode)
+    return read_records(source, kind, data_root=cfg.data_root or None, split=split, vqa_mode=vqa_mode,
+                        ct_rate_target=cfg.ct_rate_target, skip_bad_records=cfg.skip_bad_records)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (save_pretrained / export)")
+    p.add_argument("--data", required=True, help="a JSONL manifest, M3D_Cap.json, an M3D-VQA .csv or a CT-RATE root")
+    p.add_argument("--task", required=True, choices=TASKS, help="what to evaluate")
+    p.add_argument("--kind", default="auto", choices=("auto", "manifest", "m3d_cap", "m3d_vqa", "ct_rate"))
+    p.add_argument("--split", default=None, help="M3D-Cap train|validation|test, CT-RATE train|valid")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N records of the task")
+    p.add_argument("--batch-size", type=int, default=8, help="studies per generation batch (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the checkpoint's eval.max_new_tokens")
+    p.add_argument("--out", default=None, help="output folder (default ./eval-<checkpoint>-<task>)")
+    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process)")
+    p.add_argument("--blind", action="store_true", help="also run the image-blind control and print the drop")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the blind derangement / random slices")
+    p.add_argument("--protocol", default="standard", choices=("standard", "voteMI"),
+                   help="voteMI (with --task classify): random vs Vote-MI vs TG-IS slices, zero/few-shot")
+    p.add_argument("--support", default=None,
+                   help="voteMI: labelled support set (default: the other studies of --data)")
+    p.add_argument("--k-slices", type=int, default=3, help="voteMI: slices kept per plane (default 3)")
+    p.add_argument("--shots", type=int, nargs="+", default=[0, 2], help="voteMI: in-context examples (default 0 2)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from medvlm3d.eval.infer import load_model
+
+    if args.protocol == "voteMI" and args.task != "classify":
+        raise ValueError("--protocol voteMI needs --task classify")
+    model = load_model(args.checkpoint, args.device)
+    records = read_eval_records(args.data, model.cfg.data, args.task, args.kind, args.split)
+    out = Path(args.out or f"eval-{Path(args.checkpoint).resolve().name}-{args.task}")
+    if args.protocol == "voteMI":
+        from medvlm3d.eval.fewshot import fewshot_table, format_fewshot_table
+
+        support = read_eval_records(args.support, model.cfg.data, "classify") if args.support else None
+        rows = fewshot_table(model, task_records(records, "classify")[: args.limit], support, k_slices=args.k_slices,
+                             shots=tuple(args.shots), seed=args.seed, batch_size=args.batch_size,
+                             max_new_tokens=args.max_new_tokens)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / "fewshot.json", json.dumps(rows, indent=2) + "\n")
+        print(format_fewshot_table(rows))
+        return 0
+    kw = dict(batch_size=args.batch_size, limit=args.limit, meteor=not args.no_meteor, seed=args.seed,
+              max_new_tokens=args.max_new_tokens)
+    result = evaluate(model, records, args.task, out_dir=out, **kw)
+    print(metrics_table(result))
+    if args.blind:
+        blind = evaluate(model, records, args.task, out_dir=out / "blind", blind=True, **kw)
+        print("\n" + metrics_table(blind))
+        name, a = headline(result)
+        b = headline(blind)[1]
+        print(f"\nimage-blind control: {name} {a:.4f} -> {b:.4f} (drop {a - b:+.4f})")
+    print(f"\nwrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the verb; bad input -> a one-line error on stderr and exit code 1."""
+    try:
+        return _run(args)
+    except (ValueError, OSError) as e:  # DataError and ConfigError are ValueErrors
+        log.debug("medvlm3d eval failed", exc_info=True)
+        print(f"medvlm3d eval: error: {e}", file=sys.stderr)
+        return 1
