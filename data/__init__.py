@@ -27,6 +27,7 @@ _LAZY = {
     "validate_record": "medvlm3d.data.readers",
     "write_manifest": "medvlm3d.data.readers",
     "ReadReport": "medvlm3d.data.readers",
+    "validate_dataset": "medvlm3d.data.validate",
 }
 
 __all__ = ["DataError", "ConfigError", *_LAZY]

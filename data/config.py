@@ -465,7 +465,10 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.subkey=value")
         key, text = item.split("=", 1)
-        value = yaml.safe_load(text) if text.strip() else ""
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not a plain YAML scalar or list ({e})") from e
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:

@@ -15,6 +15,21 @@ slice normal (the cross product of the two ImageOrientationPatient direction cos
 names and InstanceNumber are never used for the order (InstanceNumber only as a fallback, with
 a warning, when a file has no geometry at all).
 
+Malformed series are DataErrors naming the folder or file: no DICOM file, several series
+(SeriesInstanceUID) or orientations in one folder, a DICOM file without SeriesInstanceUID (a
+truncated or damaged header), two slices at one position, slices of different sizes, a file
+without pixel data or with undecodable pixel data. Files that are not DICOM at all (notes,
+.DS_Store, thumbnails) are skipped (logged at debug level), as a PACS import would.
+
+Missing slices are an error, not a warning: when a gap between neighbouring slices exceeds
+`GAP_FACTOR` (1.5) times the median spacing, the series is refused, naming the positions
+around the gap and about how many slices are missing. A radiologist treats such a series as
+incomplete (a finding may lie in the gap) and would not read it as a silently compressed or
+interpolated volume; for training, its z geometry and its native slice indices (the manifest's
+`slice_labels`) would be wrong. Small irregularities (rounded positions; spacing within 1.5x of
+the median) are accepted and averaged (a warning above 10 %). A gap at either end of a series
+cannot be seen and is not checked. With `skip_bad_records` such a study is logged and skipped.
+
 `plan(shape_xyz) -> strides_xyz` comes from the caller (see `volume.plan_strides`): it refuses
 or stride-subsamples an oversized series *before* any float array is allocated; only the kept
 slices / frames are decoded.
@@ -40,6 +55,7 @@ logger = logging.getLogger(__name__)
 Plan = Callable[[tuple[int, int, int]], tuple[int, int, int]]
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+GAP_FACTOR = 1.5  # a gap over this many median spacings means missing slices
 
 
 @dataclass
@@ -109,12 +125,67 @@ def _order(
         k = int(np.argmin(gaps))
         raise DataError(f"{where}: two slices lie at the same position ({proj[order][k]:.3f} mm along the slice "
                         "normal); expected one volume per series (several acquisitions mixed?)")
+    _check_gaps(proj[order], where)
     step = (pos[order[-1]] - pos[order[0]]) / (n - 1) if n > 1 else normal
     return order, pos[order[0]], step
 
 
+def _check_gaps(sorted_proj: np.ndarray, where: str) -> None:
+    """DataError when a slice spacing exceeds GAP_FACTOR x the median (missing slices)."""
+    gaps = np.diff(sorted_proj)
+    if gaps.size < 2:
+        return
+    med = float(np.median(gaps))
+    big = np.flatnonzero(gaps > GAP_FACTOR * med)
+    if big.size:
+        k = int(big[np.argmax(gaps[big])])
+        missing = max(1, int(round(gaps[k] / med)) - 1)
+        more = f"; {big.size - 1} more gap(s)" if big.size > 1 else ""
+        raise DataError(
+            f"{where}: slices missing from the series: a gap of {gaps[k]:.3g} mm between the slices at "
+            f"{sorted_proj[k]:.3f} and {sorted_proj[k + 1]:.3f} mm along the slice normal, where the spacing is "
+            f"{med:.3g} mm (about {missing} slice(s) missing{more}); expected evenly spaced slices of one "
+            "complete series"
+        )
+    if float(gaps.max() - gaps.min()) > 0.1 * med:
+        warnings.warn(f"{where}: uneven slice spacing ({gaps.min():.3g} to {gaps.max():.3g} mm); the mean step "
+                      "is used", stacklevel=4)
+
+
+def _check_pixels(ds: Any, where: str, frames: int) -> None:
+    """Pixel data present and, when stored uncompressed, long enough for the declared frames of
+    Rows x Columns: checked on the header (pixel data not loaded) before any array is allocated."""
+    tag = next((t for t in _PIXEL_TAGS if t in ds), None)
+    if tag is None:
+        raise DataError(f"{where}: DICOM file has no pixel data; expected an image")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows < 1 or cols < 1:
+        raise DataError(f"{where}: Rows x Columns = {rows} x {cols}; expected a non-empty image")
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is not None and syntax.is_compressed:
+        return  # encapsulated fragments: the decoder checks them
+    elem = ds.get_item(tag)
+    length = getattr(elem, "length", None)
+    if length is None:
+        length = len(elem.value) if isinstance(elem.value, (bytes, bytearray)) else None
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    if length is None or length == 0xFFFFFFFF or bits < 8:
+        return
+    need = rows * cols * int(ds.get("SamplesPerPixel", 1) or 1) * (bits // 8) * frames
+    if length < need:
+        raise DataError(f"{where}: pixel data holds {length} bytes, but {frames} frame(s) of {rows} x {cols} at "
+                        f"{bits} bits need {need}; truncated or damaged file")
+
+
 def _check_iop(iops: list[Any], where: str) -> Any:
     known = [np.asarray(v, float) for v in iops if v is not None]
+    for v in known[:1]:
+        if v.shape != (6,) or not np.isfinite(v).all() or not np.allclose(
+            [np.linalg.norm(v[:3]), np.linalg.norm(v[3:]), v[:3] @ v[3:]], [1.0, 1.0, 0.0], atol=1e-2
+        ):
+            raise DataError(f"{where}: ImageOrientationPatient {v.tolist()} is not two orthogonal unit vectors; "
+                            "expected the row and column direction cosines")
     if known and any(not np.allclose(v, known[0], atol=1e-3) for v in known):
         raise DataError(f"{where}: slices have different ImageOrientationPatient; expected one volume")
     return known[0] if len(known) == len(iops) else None
@@ -125,7 +196,7 @@ def read_series(folder: Path, plan: Plan) -> DicomVolume:
     headers: list[tuple[Path, Any]] = []
     for f in sorted(p for p in folder.iterdir() if p.is_file() and p.name.upper() != "DICOMDIR"):
         try:
-            headers.append((f, pydicom.dcmread(f, stop_before_pixels=True)))
+            headers.append((f, pydicom.dcmread(f, defer_size="4 KB")))  # pixel data seen, not loaded
         except InvalidDicomError:
             logger.debug("%s: not a DICOM file, skipped", f)
         except Exception as e:  # truncated or damaged header
@@ -134,12 +205,21 @@ def read_series(folder: Path, plan: Plan) -> DicomVolume:
         subs = sum(1 for p in folder.iterdir() if p.is_dir())
         hint = f" (it holds {subs} sub-folders: give one series folder)" if subs else ""
         raise DataError(f"{folder}: no DICOM files found{hint}; expected a folder holding one DICOM series")
-    uids = sorted({str(ds.get("SeriesInstanceUID", "")) for _, ds in headers})
-    if len(uids) > 1:
-        raise DataError(f"{folder}: holds {len(uids)} different series (SeriesInstanceUID {', '.join(uids[:3])}"
-                        f"{' ...' if len(uids) > 3 else ''}); expected one series per folder")
+    series: dict[str, list[str]] = {}
+    for f, ds in headers:
+        uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+        if not uid:
+            raise DataError(f"{f}: DICOM file without SeriesInstanceUID (truncated or damaged header?); expected "
+                            "an image slice of one series")
+        series.setdefault(uid, []).append(f.name)
+    if len(series) > 1:
+        parts = [f"{uid} ({len(names)} file(s), e.g. {names[0]})" for uid, names in sorted(series.items())]
+        raise DataError(f"{folder}: holds {len(series)} different series: {'; '.join(parts[:3])}"
+                        f"{' ...' if len(parts) > 3 else ''}; expected one series per folder")
     if len(headers) == 1:
         return read_multiframe(headers[0][0], plan)
+    for f, ds in headers:
+        _check_pixels(ds, str(f), 1)
     shapes = {(int(ds.get("Rows", 0)), int(ds.get("Columns", 0))) for _, ds in headers}
     if len(shapes) > 1:
         raise DataError(f"{folder}: slices have different sizes {sorted(shapes)}; expected one volume")
@@ -174,9 +254,8 @@ def read_multiframe(path: Path, plan: Plan) -> DicomVolume:
         ds = pydicom.dcmread(path, defer_size="256 KB")
     except Exception as e:
         raise DataError(f"{path}: unreadable DICOM file: {type(e).__name__}: {e}") from e
-    if not any(t in ds for t in _PIXEL_TAGS):
-        raise DataError(f"{path}: DICOM file has no pixel data; expected an image volume")
     n = int(ds.get("NumberOfFrames", 1) or 1)
+    _check_pixels(ds, str(path), max(n, 1))
     if n < 2:
         raise DataError(f"{path}: a single 2D DICOM slice; expected a 3D volume (give the folder holding "
                         "the whole series, or a multi-frame file)")

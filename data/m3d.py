@@ -20,12 +20,11 @@ The functions here yield (where, build) pairs; data/readers.py validates and col
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import DataError
-from .readers import REPORT_QUESTION, Candidate, Record, csv_rows
+from .readers import REPORT_QUESTION, Candidate, Record, csv_rows, parse_json
 
 CAP_SPLITS = ("train", "validation", "test")
 VQA_COLUMNS = (
@@ -49,13 +48,12 @@ def extract_report(text: str) -> str:
 
 def _load_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_bytes().decode("utf-8-sig"))
+        text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
     except OSError as e:
         raise DataError(f"cannot read {path}: {e}") from e
+    return parse_json(text, str(path))
 
 
 def _is_cap_index(data: Any) -> bool:

@@ -2,7 +2,7 @@
 
     read_records(source, kind="auto", *, data_root=None, split=None, vqa_mode="closed",
                  ct_rate_target="findings", skip_bad_records=False, check_files=True) -> list[dict]
-    read_records_report(...same arguments...) -> ReadReport(records, skipped, errors, kind, source)
+    read_records_report(..., allow_empty=False) -> ReadReport(records, skipped, errors, kind, source)
     detect_kind(source) -> "manifest" | "m3d_cap" | "m3d_vqa" | "ct_rate"
     validate_record(rec, where, *, check_files=False) -> normalised copy of rec (or DataError)
     write_manifest(records, path) -> Path         (JSONL, UTF-8, atomic)
@@ -188,7 +188,10 @@ def csv_header(path: Path) -> list[str]:
     try:
         with path.open(encoding="utf-8-sig", newline="") as fh:
             return [c.strip() for c in next(csv.reader(fh), [])]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+    except UnicodeDecodeError as e:  # the first block is decoded at once: the bad byte may be in a row
+        raise DataError(f"{path}: not valid UTF-8 ({e.reason}, in its first {len(e.object)} bytes); expected a "
+                        "UTF-8 CSV") from e
+    except (OSError, csv.Error) as e:
         raise DataError(f"cannot read the header of CSV {path}: {e}") from e
 
 
@@ -269,6 +272,22 @@ def detect_kind(source: str | os.PathLike[str]) -> str:
     raise DataError(f"cannot tell what dataset file {path} is; supported kinds: {_KIND_HELP}")
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def parse_json(text: str, where: str, what: str = "valid JSON") -> Any:
+    """Strict JSON (no NaN / Infinity); every failure (bad syntax, nesting too deep for the
+    parser, integers over Python's digit limit, NaN) is a DataError naming `where`."""
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        at = f"line {e.lineno} column {e.colno}" if "\n" in text.strip() else f"column {e.colno}"
+        raise DataError(f"{where}: not {what} ({e.msg} at {at})") from e
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{where}: not {what} ({type(e).__name__}: {str(e)[:200]})") from e
+
+
 def _read_lines(path: Path) -> Iterator[Candidate]:
     """Manifest lines as candidates; a bad line (bytes, JSON) fails only its own record."""
     try:
@@ -287,10 +306,7 @@ def _read_lines(path: Path) -> Iterator[Candidate]:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
-                try:
-                    return json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: not a valid JSON object ({e.msg} at column {e.colno})") from e
+                return parse_json(text, where, "a valid JSON object")
 
             yield f"{path} line {n}", build
 
@@ -336,8 +352,12 @@ def read_records_report(
     ct_rate_target: str = "findings",
     skip_bad_records: bool = False,
     check_files: bool = True,
+    allow_empty: bool = False,
 ) -> ReadReport:
-    """Like `read_records`, but returns a `ReadReport` that also lists the skipped records."""
+    """Like `read_records`, but returns a `ReadReport` that also lists the skipped records.
+
+    `allow_empty`: return the report even when no record is usable (a validation pass lists
+    every bad one) instead of raising DataError."""
     if kind not in ("auto",) + KINDS:
         raise ValueError(f"kind must be one of {['auto', *KINDS]}, got {kind!r}")
     if vqa_mode not in VQA_MODES:
@@ -375,7 +395,7 @@ def read_records_report(
     _collect(candidates, skip=skip_bad_records, check_files=check_files, base=base, report=report)
     if report.skipped:
         logger.warning("%s: skipped %d bad record(s), kept %d", path, report.skipped, len(report.records))
-    if not report.records:
+    if not report.records and not allow_empty:
         raise DataError(f"{path}: no usable records ({kind}, split={split!r}, {report.skipped} skipped)")
     return report
 

@@ -7,18 +7,22 @@
     load_study(path | [paths], cfg, train=False, rescale=None) -> Study
         volume [n_img, 1, D, H, W]; slices [n_img, S, 1, h, w]; slice_plane / slice_index /
         slice_pos [n_img, S]; native_depth list[int] (axial count of the RAS volume as stored)
-    build_transforms(cfg, train=False) -> monai Compose over {"image": MetaTensor [1, X, Y, Z], ...}
+    build_transforms(cfg, train=False) -> monai Compose (defined in data/transforms.py)
 
 Reading (`_read`):
-  - NIfTI: nibabel (it applies the header's scl_slope/scl_inter) into a MetaTensor with the
-    file's affine. Not MONAI's LoadImage: its NibabelReader copies the Fortran-ordered voxels
-    to C order (about 1 s per 512x512x200 volume here), while in nibabel's own layout the
-    [Z, Y, X] permute below is contiguous.
+  - NIfTI: `data/nifti.py` (nibabel parses the header; the voxels are streamed in bounded chunks
+    with size, truncation and gzip CRC checks; scl_slope/scl_inter applied) into a MetaTensor
+    with the file's affine, in the file's own voxel order so that the [Z, Y, X] permute below
+    is contiguous. Not MONAI's LoadImage: its NibabelReader trusts the header and copies the
+    Fortran-ordered voxels to C order (about 1 s per 512x512x200 volume here).
   - DICOM series folder / multi-frame file: pydicom (`data/dicom.py`: sorted along the slice
-    normal, RescaleSlope/Intercept applied, LPS -> RAS affine).
+    normal, RescaleSlope/Intercept applied, LPS -> RAS affine; missing slices are an error).
   - M3D `.npy`: `np.load(allow_pickle=False)`, [1, D, H, W] or [D, H, W], already in [0, 1],
     passed through (identity affine, no orientation or windowing).
-Inputs over `max_voxels` are refused or stride-subsampled *before* conversion to float.
+Inputs over `max_voxels` are refused or stride-subsampled *before* conversion to float, and no
+reader allocates more than the header's claim allows the file to hold. Every malformed input
+(corrupt, truncated, zero/negative sizes, NaN/Inf voxels, singular geometry) is a DataError
+naming the file.
 
 Axes: MONAI's RAS array [C, X, Y, Z] is permuted to [C, Z, Y, X]: D runs inferior -> superior,
 H posterior -> anterior, W left -> right (index grows toward the patient's right, RAS+).
@@ -32,7 +36,7 @@ A constant volume gives zeros (with a warning).
 
 CT-RATE rescale trap: `rescale=(slope, intercept)` (from the dataset's metadata CSV) is applied
 only to NIfTI data that is not yet in HU: never when the NIfTI header carries its own
-scl_slope/scl_inter (nibabel has already applied them) or for DICOM (its own tags are used);
+scl_slope/scl_inter (already applied when reading) or for DICOM (its own tags are used);
 otherwise only when the values look like raw stored values: the 1st percentile of the voxels
 above the minimum (the minimum itself may be an out-of-field padding value) is >= -100 (no HU
 air) and the maximum is > 1500. HU data has air near -1000 and is left as it is.
@@ -43,7 +47,8 @@ Coronal / sagittal planes always come from the resized volume. `crop_foreground`
 only, so axial indices stay native. Augmentation (train=True and cfg.augment) runs after the
 cache: an in-plane RandAffine rotation (about D, <= 10 deg) and H/W zoom (<= 8 %) shared by the
 volume and the native axial stack (so axial slice positions stay valid), intensity scale/shift
-and noise; never a left/right flip.
+and noise; never a left/right flip. The MONAI transforms themselves live in data/transforms.py
+(`build_transforms`, `PREPROCESS_FIELDS` are re-exported here).
 """
 
 from __future__ import annotations
@@ -56,32 +61,29 @@ import logging
 import math
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Hashable, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import nibabel as nib
 import numpy as np
 import torch
 from einops import rearrange
 from monai.data import MetaTensor
-from monai.transforms import (Compose, CopyItemsd, EnsureTyped, Lambdad, MapTransform, Orientationd,
-                              RandAffine, RandGaussianNoised, Randomizable, RandScaleIntensityd, RandShiftIntensityd,
-                              Resize, ScaleIntensityRange, ScaleIntensityRangePercentiles, SpatialCrop, Transposed)
-from monai.transforms.utils import generate_spatial_bounding_box
+from monai.transforms import Compose
 from safetensors.torch import load_file, save_file
 
 from .config import PLANES, DataConfig
 from .dicom import is_dicom_file, read_dicom
 from .errors import DataError
+from .nifti import read_nifti
+from .transforms import (PREPROCESS_FIELDS, augment_transforms, build_transforms, cfg_key,  # noqa: F401
+                         eval_transforms, resize)
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 CACHE_VERSION = 1
-PREPROCESS_FIELDS = ("size", "slice_size", "num_slices", "max_slices", "planes", "modality", "hu_window",
-                     "mri_percentiles", "crop_foreground", "max_voxels", "oversize")
 RAW_MIN, RAW_MAX = -100.0, 1500.0  # the HU-detection thresholds of the rescale rule
 
 
@@ -101,19 +103,25 @@ class Study:
 
 
 def plan_strides(shape: Sequence[int], max_voxels: int, oversize: str, where: str) -> tuple[int, ...]:
-    """Integer strides that bring `shape` under `max_voxels` (longest axis first), or DataError."""
+    """Integer strides that bring `shape` under `max_voxels`, or DataError (oversize "refuse").
+
+    Downsampling caps every axis at the largest length c with prod(min(s, c)) <= max_voxels (so
+    the longest axes are thinned first) and strides each axis by ceil(s / c): a few dozen integer
+    steps whatever the claimed size, nothing allocated."""
+    shape = [int(s) for s in shape]
     n = math.prod(shape)
     if n <= max_voxels:
         return (1,) * len(shape)
     if oversize == "refuse":
         raise DataError(f"{where}: {tuple(shape)} = {n} voxels exceeds max_voxels={max_voxels} (oversize='refuse')")
-    strides = [1] * len(shape)
-    extent = lambda: [math.ceil(s / st) for s, st in zip(shape, strides)]  # noqa: E731
-    while math.prod(extent()) > max_voxels:
-        strides[int(np.argmax(extent()))] += 1
+    lo, hi = 1, max(shape)  # prod(min(s, lo)) = 1 <= max_voxels < prod(min(s, hi)) = n
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if math.prod(min(s, mid) for s in shape) <= max_voxels else (lo, mid)
+    strides = tuple(-(-s // lo) for s in shape)
     logger.warning("%s: %s voxels over max_voxels=%d; stride-subsampled by %s", where, tuple(shape), max_voxels,
-                   strides)
-    return tuple(strides)
+                   list(strides))
+    return strides
 
 
 def _check_spatial(shape: Sequence[int], where: str) -> None:
@@ -121,31 +129,23 @@ def _check_spatial(shape: Sequence[int], where: str) -> None:
         raise DataError(f"{where}: a 2D image of shape {tuple(shape)}; expected a 3D volume")
 
 
-def _read_nifti(path: Path, plan: Any) -> tuple[MetaTensor, tuple[int, ...], bool]:
-    img = nib.load(str(path))  # lazy: header only
-    shape = tuple(int(s) for s in img.shape)
-    _check_spatial(shape, str(path))
-    if math.prod(shape[3:]) > 1:
-        raise DataError(f"{path}: a {len(shape)}D image {shape} with {math.prod(shape[3:])} time points or channels; "
-                        "expected one 3D volume")
-    header_scaled = (float(img.dataobj.slope), float(img.dataobj.inter)) != (1.0, 0.0)
-    strides = plan(shape[:3])
-    slicer = tuple(slice(None, None, s) for s in strides) + (0,) * (len(shape) - 3)
-    # a private, writable float32 copy (an uncompressed file may come back as a read-only memmap) in
-    # the file's Fortran order, so that [X, Y, Z] -> [Z, Y, X] is contiguous; nibabel applies scl_*
-    arr = np.array(img.dataobj[slicer], dtype=np.float32, order="K")
-    affine = np.array(img.affine, dtype=np.float64)
-    affine[:3, :3] *= np.asarray(strides, dtype=np.float64)
-    image = MetaTensor(torch.from_numpy(arr)[None], affine=torch.as_tensor(affine), meta={"space": "RAS"})
-    return image, shape[:3], header_scaled
+def _check_affine(affine: np.ndarray, where: str) -> None:
+    """A finite voxel -> world matrix of full rank (zero spacing or a zeroed sform is neither)."""
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4) or not np.isfinite(a).all() or np.linalg.matrix_rank(a[:3, :3]) < 3:
+        raise DataError(f"{where}: invalid voxel-to-world geometry (affine / spacing / orientation "
+                        f"{np.round(a[:3], 4).tolist()}); expected a finite matrix with non-zero voxel spacing")
 
 
 def _read_npy(path: Path, plan: Any) -> tuple[MetaTensor, tuple[int, ...]]:
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as e:
-        raise DataError(f"{path}: unreadable .npy array (object arrays are never unpickled): {e}") from e
-    if arr.dtype.kind not in "fiu":
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{path}: unreadable .npy file ({e}); expected a numeric array (object arrays are "
+                        "refused, never unpickled)") from e
+    if not isinstance(arr, np.ndarray):
+        raise DataError(f"{path}: an .npz archive or other non-array content; expected one .npy array")
+    if arr.dtype.kind not in "fiu" or arr.dtype.fields is not None:
         raise DataError(f"{path}: .npy dtype {arr.dtype}; expected float or integer voxels")
     if arr.ndim == 4 and arr.shape[0] > 1:
         raise DataError(f"{path}: .npy shape {arr.shape} has {arr.shape[0]} channels; expected [1, D, H, W]")
@@ -155,6 +155,9 @@ def _read_npy(path: Path, plan: Any) -> tuple[MetaTensor, tuple[int, ...]]:
     _check_spatial(vol.shape, str(path))
     sd, sh, sw = plan(vol.shape)
     data = np.asarray(vol[::sd, ::sh, ::sw], dtype=np.float32)
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise DataError(f"{path}: {bad} NaN or Inf voxels; expected finite values in [0, 1]")
     lo, hi = float(data.min()), float(data.max())
     if lo < -1e-3 or hi > 1 + 1e-3:
         raise DataError(f"{path}: M3D .npy values must already lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
@@ -194,7 +197,10 @@ def _read(path: Path, cfg: DataConfig, rescale: tuple[float, float] | None = Non
             image = MetaTensor(torch.from_numpy(dv.array)[None], affine=torch.as_tensor(dv.affine),
                                meta={"space": "RAS"})
         elif name.endswith((".nii", ".nii.gz")):
-            image, native, header_scaled = _read_nifti(path, plan)
+            nv = read_nifti(path, plan)
+            native, header_scaled = nv.shape, nv.header_scaled
+            image = MetaTensor(torch.from_numpy(nv.array)[None], affine=torch.as_tensor(nv.affine),
+                               meta={"space": "RAS"})
         elif name.endswith(".npy"):
             kind = "npy"
             image, native = _read_npy(path, plan)
@@ -204,6 +210,7 @@ def _read(path: Path, cfg: DataConfig, rescale: tuple[float, float] | None = Non
         raise
     except Exception as e:  # corrupt / truncated files surface as many exception types
         raise DataError(f"{path}: cannot read the volume ({type(e).__name__}: {e})") from e
+    _check_affine(image.affine.numpy(), str(path))
     flat = _flat(image)
     lo, hi = (float(v) for v in torch.aminmax(flat))  # one pass; NaN / Inf show up here
     if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -230,138 +237,14 @@ def _read(path: Path, cfg: DataConfig, rescale: tuple[float, float] | None = Non
             "path": str(path)}
 
 
-# ---------------------------------------------------------------------------------- transforms
-
-
-def _resize(img: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """[C, *spatial] -> [C, *size]: MONAI Resize, "area" on shrinking axes then "trilinear" on growing ones."""
-    size = tuple(int(s) for s in size)
-    shape = tuple(img.shape[1:])
-    shrunk = tuple(min(s, t) for s, t in zip(shape, size))
-    if shrunk != shape:
-        img = Resize(shrunk, mode="area")(img)
-    if shrunk != size:
-        img = Resize(size, mode="trilinear" if len(size) == 3 else "bilinear", align_corners=False)(img)
-    return img.as_tensor() if isinstance(img, MetaTensor) else img
-
-
-class _Intensityd(MapTransform):
-    """CT window / MRI percentiles / pass-through, by `data["modality"]`; constant -> zeros."""
-
-    def __init__(self, keys: Any, hu_window: Sequence[float], mri_percentiles: Sequence[float]) -> None:
-        super().__init__(keys)
-        self.ct = ScaleIntensityRange(a_min=hu_window[0], a_max=hu_window[1], b_min=0.0, b_max=1.0, clip=True)
-        self.mri = ScaleIntensityRangePercentiles(mri_percentiles[0], mri_percentiles[1], 0.0, 1.0, clip=True)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            img = d[key]
-            lo, hi = d.get("range") or (float(v) for v in torch.aminmax(img))  # "range": from _read
-            if lo == hi:
-                warnings.warn(f"{d.get('path', key)}: constant volume ({lo}); normalised to zeros")
-                d[key] = torch.zeros_like(img)
-            elif d.get("modality") == "ct":
-                d[key] = self.ct(img)
-            elif d.get("modality") == "mri":
-                d[key] = self.mri(img)
-        return d
-
-
-class _CropForegroundHWd(MapTransform):
-    """Crop H and W to the voxels above `threshold` (+ margin); D is kept whole (native axial indices)."""
-
-    def __init__(self, keys: Any, threshold: float = 0.05, margin: int = 2) -> None:
-        super().__init__(keys)
-        self.threshold, self.margin = threshold, margin
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            img = d[key]
-            start, end = generate_spatial_bounding_box(img, lambda x: x > self.threshold, margin=self.margin)
-            if any(e - s < 2 for s, e in zip(start[1:], end[1:])):
-                continue  # no foreground: keep the whole volume
-            d[key] = SpatialCrop(roi_start=[0, *start[1:]], roi_end=[img.shape[1], *end[1:]])(img)
-        return d
-
-
-def _native_stack(img: torch.Tensor, slice_size: Sequence[int], max_slices: int) -> torch.Tensor:
-    """[1, D, H, W] -> [1, S, h, w]: the native axial slices, S = min(D, max_slices)."""
-    return _resize(img, (min(int(img.shape[1]), max_slices), *slice_size))
-
-
-class _SharedRandAffined(Randomizable, MapTransform):
-    """RandAffine with the same random draw on keys of different spatial sizes (RandAffined builds
-    one grid from the first key, so it cannot serve a volume and a slice stack together)."""
-
-    def __init__(self, keys: Any, **kwargs: Any) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys=True)
-        self.affine = RandAffine(**kwargs)
-        self._seed = 0
-
-    def randomize(self, data: Any = None) -> None:
-        self._seed = int(self.R.randint(2**31 - 1))
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        self.randomize()
-        for key in self.key_iterator(d):
-            self.affine.set_random_state(seed=self._seed)
-            d[key] = self.affine(d[key])
-        return d
-
-
-def _preprocess(cfg: DataConfig) -> list[Any]:
-    out: list[Any] = [
-        Orientationd(keys="image", axcodes="RAS", labels=None),  # labels from the meta "space" (RAS)
-        Transposed(keys="image", indices=(0, 3, 2, 1)),  # [C, X, Y, Z] -> [C, Z, Y, X] = [1, D, H, W]
-        _Intensityd(keys="image", hu_window=cfg.hu_window, mri_percentiles=cfg.mri_percentiles),
-    ]
-    if cfg.crop_foreground:
-        out.append(_CropForegroundHWd(keys="image"))
-    if cfg.num_slices == -1 and "axial" in cfg.planes:
-        stack = functools.partial(_native_stack, slice_size=tuple(cfg.slice_size), max_slices=cfg.max_slices)
-        out += [CopyItemsd(keys="image", names="stack"), Lambdad(keys="stack", func=stack)]
-    out += [Lambdad(keys="image", func=functools.partial(_resize, size=tuple(cfg.size))),
-            EnsureTyped(keys=["image", "stack"], dtype=torch.float32, track_meta=False, allow_missing_keys=True)]
-    return out
-
-
-def _augment() -> list[Any]:
-    keys = ["image", "stack"]
-    return [
-        # in-plane only (rotation about D, zoom of H and W): axial slice positions stay valid
-        _SharedRandAffined(keys, prob=0.5, rotate_range=(math.radians(10), 0.0, 0.0), scale_range=(0.0, 0.08, 0.08),
-                           mode="bilinear", padding_mode="zeros"),
-        RandScaleIntensityd(keys, factors=0.1, prob=0.5, allow_missing_keys=True),
-        RandShiftIntensityd(keys, offsets=0.05, prob=0.5, allow_missing_keys=True),
-        RandGaussianNoised("image", prob=0.3, std=0.01, allow_missing_keys=True),
-        RandGaussianNoised("stack", prob=0.3, std=0.01, allow_missing_keys=True),
-        Lambdad(keys, functools.partial(torch.clamp, min=0.0, max=1.0), allow_missing_keys=True),
-        EnsureTyped(keys, dtype=torch.float32, track_meta=False, allow_missing_keys=True),
-    ]
-
-
-def build_transforms(cfg: DataConfig, train: bool = False) -> Compose:
-    """The MONAI dictionary Compose: orient, normalise, (crop), (native axial stack), resize, then
-    (train and cfg.augment) augmentation. Input: `_read`'s dict; output "image" [1, D, H, W]."""
-    return Compose(_preprocess(cfg) + (_augment() if train and cfg.augment else []))
-
-
-def _cfg_key(cfg: DataConfig) -> str:
-    return json.dumps({f: getattr(cfg, f) for f in PREPROCESS_FIELDS}, sort_keys=True, default=list)
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_transforms(key: str) -> Compose:
-    cfg = DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(key).items()})
-    return build_transforms(cfg, train=False)
-
-
-def _transforms(cfg: DataConfig) -> Compose:
-    """The (cached) eval Compose of `cfg`; augmentation is applied separately, after the cache."""
-    return _cached_transforms(_cfg_key(cfg))
+def _preprocess(path: Path, cfg: DataConfig, rescale: tuple[float, float] | None) -> dict[str, Any]:
+    """`_read` then the eval transforms; a failure inside MONAI (on a volume that passed the
+    readers' checks) still becomes a DataError naming the file."""
+    raw = _read(path, cfg, rescale)
+    try:
+        return eval_transforms(cfg)(raw)
+    except Exception as e:
+        raise DataError(f"{path}: preprocessing failed ({type(e).__name__}: {e})") from e
 
 
 # -------------------------------------------------------------------------------------- public
@@ -372,7 +255,7 @@ def load_volume_from_config(
 ) -> torch.Tensor:
     """One volume -> float32 [1, D, H, W] in [0, 1], preprocessed as `cfg` says (no augmentation)."""
     flat = dataclasses.replace(cfg, num_slices=0)  # no native slice stack needed here
-    return _transforms(flat)(_read(Path(path), flat, rescale))["image"]
+    return _preprocess(Path(path), flat, rescale)["image"]
 
 
 def load_volume(
@@ -398,7 +281,7 @@ def _plane_views(volume: torch.Tensor, plane: int, slice_size: Sequence[int], n:
     h, w = slice_size
     target = [(n, h, w), (h, n, w), (h, w, n)][plane]
     pattern = ["1 n h w -> n 1 h w", "1 h n w -> n 1 h w", "1 h w n -> n 1 h w"][plane]
-    return (rearrange(_resize(volume, target), pattern).contiguous(), *_positions(n, plane))
+    return (rearrange(resize(volume, target), pattern).contiguous(), *_positions(n, plane))
 
 
 def _positions(n: int, plane: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -442,7 +325,7 @@ def _assemble(dicts: list[dict[str, Any]], cfg: DataConfig, native: list[int]) -
     if "stack" in dicts[0]:  # one S per study: resample to the first image's native axial count
         n0 = int(dicts[0]["stack"].shape[1])
         for d in dicts[1:]:
-            d["stack"] = _resize(d["stack"], (n0, *cfg.slice_size)).float()
+            d["stack"] = resize(d["stack"], (n0, *cfg.slice_size)).float()
     parts = [_study_slices(d, cfg) for d in dicts]
     s, pl, ix, ps = (torch.stack(x) for x in zip(*parts))
     return Study(torch.stack([d["image"] for d in dicts]), s, pl, ix, ps, native)
@@ -472,7 +355,7 @@ def _fingerprint(p: Path) -> list[Any]:
 
 def cache_key(paths: Sequence[Path], cfg: DataConfig, rescale: Any = None) -> str:
     """sha256 of (version, absolute paths, sizes, mtimes, preprocessing fields of cfg, rescale)."""
-    payload = {"v": CACHE_VERSION, "files": [_fingerprint(p) for p in paths], "cfg": _cfg_key(cfg),
+    payload = {"v": CACHE_VERSION, "files": [_fingerprint(p) for p in paths], "cfg": cfg_key(cfg),
                "rescale": list(rescale) if rescale is not None else None}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -533,16 +416,16 @@ def load_study(
     cache = Path(cfg.cache_dir) / f"{cache_key(paths, cfg, rescale)}.safetensors" if cfg.cache_dir else None
     study = _cache_read(cache) if cache is not None else None
     if study is None:
-        tf, dicts, native = _transforms(cfg), [], []
+        dicts, native = [], []
         for p in paths:  # one native-resolution volume in memory at a time
-            raw = _read(p, cfg, rescale)
-            native.append(raw["native_depth"])
-            dicts.append(tf(raw))
+            d = _preprocess(p, cfg, rescale)
+            native.append(d["native_depth"])
+            dicts.append(d)
         study = _assemble(dicts, cfg, native)
         if cache is not None:
             _cache_write(cache, study)
     if train and cfg.augment:
-        aug = Compose(_augment())
+        aug = Compose(augment_transforms())
         aug.set_random_state(seed=int(torch.randint(0, 2**31 - 1, ()).item()))  # per-worker torch seed
         study = _assemble([aug(d) for d in _to_dicts(study, cfg)], cfg, study.native_depth)
     return study

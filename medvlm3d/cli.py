@@ -14,6 +14,13 @@ from typing import Sequence
 # verb -> (module implementing add_arguments/run, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "synth": ("medvlm3d.data.synthetic", "make a phantom dataset (NIfTI volumes + JSONL manifest)"),
+    "validate": ("medvlm3d.data.validate", "check a dataset: read each record, load each volume once; exit 1 if bad"),
+    "train": ("medvlm3d.train.recipe", "train one stage (also: accelerate launch -m medvlm3d.train ...)"),
+    "eval": ("medvlm3d.eval.runner", "evaluate a checkpoint: report | vqa_closed | vqa_open | classify (--protocol voteMI)"),
+    "infer": ("medvlm3d.eval.infer", "answer a prompt about one scan; slice scores, Vote-MI picks, --plot/--json"),
+    "select": ("medvlm3d.eval.infer", "Vote-MI slice selection alone: PNG slices + selection.json for any 2D VLM"),
+    "export": ("medvlm3d.eval.infer", "write a standalone checkpoint (optionally with the LoRA merged)"),
+    "demo": ("medvlm3d.train.demo", "the embedded default end to end: phantoms, stages 0-2, eval table"),
 }
 
 

@@ -1,0 +1,248 @@
+"""Validation pass: read every record of a dataset and load every volume it references, once.
+
+    validate_dataset(source, cfg: DataConfig | None = None, kind="auto", load_volumes=True,
+                     *, split=None) -> ValidationReport
+    ValidationReport: .ok, .problems (list of Problem(stage, where, record_id, message)),
+        .warnings, .n_records, .n_volumes, .bad_records, .format(max_rows) -> str, .to_dict()
+
+    medvlm3d validate --data PATH [--config NAME|YAML] [--kind K] [--split S] [--no-volumes]
+                      [--json OUT] [key=value ...]
+        prints a summary table and the bad records; exit 1 when any record is bad, 0 when all
+        are good, 2 for a bad config or command line.
+
+Steps:
+  1. records: `read_records_report(skip_bad_records=True, check_files=True, allow_empty=True)`
+     with the config's data_root, vqa_mode and ct_rate_target, so every bad record (broken
+     JSON line, bad CSV row, missing field or file, empty answer, unknown task...) is listed
+     with its origin (file and line, or split and index). A source that cannot be read at all
+     (missing, unknown layout, CSV without the required columns) is one "source" problem.
+  2. volumes (`load_volumes`): each distinct (image paths, CT rescale) is loaded once with
+     `load_study(paths, cfg, train=False, rescale=...)`: the config's own preprocessing. With
+     `cfg.cache_dir` set this fills the preprocessing cache that training then hits, so the
+     pass costs about one epoch of data loading once, and little when the cache is warm. A
+     failure is listed for every record that uses the volume; warnings (e.g. a constant
+     volume) are collected.
+With `load_volumes=False` no volume is opened (the records' files are only checked to exist)
+and neither torch nor MONAI is imported.
+The training recipe calls this before step 1 when `data.skip_bad_records` is false, and stops
+with `report.format()` when `not report.ok`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import DataConfig, load_config
+from .errors import ConfigError, DataError
+from .readers import KINDS, read_records_report
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("source", "record", "volume")
+
+
+@dataclass
+class Problem:
+    """One failure: `stage` "source" | "record" | "volume"; `where` names the file (and line or
+    index) or the volume; `record_id` is set for volume failures."""
+
+    stage: str
+    where: str
+    message: str
+    record_id: str | None = None
+
+
+@dataclass
+class ValidationReport:
+    source: str
+    kind: str
+    n_records: int = 0  # records that passed the record checks
+    n_volumes: int = 0  # distinct volumes (or multi-image studies) loaded
+    volumes_checked: bool = True
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def bad_records(self) -> int:
+        """Records that failed: unreadable ones plus readable ones whose volume failed."""
+        unreadable = sum(p.stage == "record" for p in self.problems)
+        return unreadable + len({p.record_id for p in self.problems if p.stage == "volume"})
+
+    @property
+    def bad_volumes(self) -> int:
+        return len({p.where for p in self.problems if p.stage == "volume"})
+
+    def format(self, max_rows: int = 50) -> str:
+        """A summary table, then the problems (at most `max_rows`) and the warnings."""
+        src = [p for p in self.problems if p.stage == "source"]
+        vols = f"{self.n_volumes}  ({self.bad_volumes} bad)" if self.volumes_checked else "not loaded (--no-volumes)"
+        rows = [
+            ("source", f"{self.source} ({self.kind})"),
+            ("status", "OK" if self.ok else "BAD"),
+            ("records read", str(self.n_records + sum(p.stage == "record" for p in self.problems))),
+            ("bad records", f"{self.bad_records}  ({sum(p.stage == 'record' for p in self.problems)} unreadable, "
+                            f"{len({p.record_id for p in self.problems if p.stage == 'volume'})} with a bad volume)"),
+            ("volumes loaded", vols),
+            ("warnings", str(len(self.warnings))),
+            ("time", f"{self.seconds:.1f} s"),
+        ]
+        if src:
+            rows.insert(2, ("source error", src[0].message))
+        width = max(len(k) for k, _ in rows)
+        lines = [f"{k:<{width}}  {v}" for k, v in rows]
+        listed = [p for p in self.problems if p.stage != "source"]
+        if listed:
+            lines.append("")
+            lines.append("bad records:")
+            for p in listed[:max_rows]:
+                who = f"record {p.record_id!r}: " if p.record_id is not None else ""
+                lines.append(f"  [{p.stage}] {who}{p.message}")
+            if len(listed) > max_rows:
+                lines.append(f"  ... and {len(listed) - max_rows} more (write them all with --json)")
+        if self.warnings:
+            lines.append("")
+            lines.append("warnings:")
+            lines += [f"  {msg}" if where in msg else f"  {where}: {msg}" for where, msg in self.warnings[:max_rows]]
+            if len(self.warnings) > max_rows:
+                lines.append(f"  ... and {len(self.warnings) - max_rows} more")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(ok=self.ok, bad_records=self.bad_records, bad_volumes=self.bad_volumes)
+        out["warnings"] = [list(w) for w in self.warnings]
+        return out
+
+
+def _check_volumes(records: list[dict[str, Any]], cfg: DataConfig, report: ValidationReport) -> None:
+    from .dataset import _rescale  # the CT-RATE slope/intercept rule of StudyDataset
+    from .volume import load_study  # torch + MONAI: imported only when volumes are loaded
+
+    outcome: dict[tuple[Any, ...], tuple[str, str] | None] = {}  # key -> (where, message) or None
+    t0 = time.perf_counter()
+    for rec in records:
+        rid = str(rec["id"])
+        image = rec["image"]
+        paths = tuple(image) if isinstance(image, list) else (image,)
+        where = ", ".join(paths)
+        try:
+            rescale = _rescale(rec, rid)
+        except DataError as e:
+            report.problems.append(Problem("volume", where, str(e), rid))
+            continue
+        key = (paths, rescale)
+        if key not in outcome:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    load_study(list(paths) if len(paths) > 1 else paths[0], cfg, train=False, rescale=rescale)
+                    outcome[key] = None
+                except Exception as e:  # a validation pass lists every failure and goes on
+                    msg = str(e) if isinstance(e, DataError) else f"{where}: {type(e).__name__}: {e}"
+                    outcome[key] = (where, msg)
+            report.warnings += [(where, str(w.message)) for w in caught]
+            report.n_volumes += 1
+            if report.n_volumes % 100 == 0:
+                logger.info("validate: %d volumes loaded (%.1f s)", report.n_volumes, time.perf_counter() - t0)
+        failed = outcome[key]
+        if failed is not None:
+            report.problems.append(Problem("volume", failed[0], failed[1], rid))
+
+
+def validate_dataset(
+    source: str | Path,
+    cfg: DataConfig | None = None,
+    kind: str = "auto",
+    load_volumes: bool = True,
+    *,
+    split: str | None = None,
+) -> ValidationReport:
+    """Read every record of `source` and (`load_volumes`) load each referenced volume once with
+    `cfg`'s preprocessing; never raises for bad data: every failure is in the report.
+
+    `kind` "auto" takes `cfg.kind`, then detection; `split` as in `read_records` (None: all).
+    Raises ValueError only for bad arguments (a cfg that is not a DataConfig, an unknown kind).
+    """
+    cfg = DataConfig() if cfg is None else cfg
+    if not isinstance(cfg, DataConfig):
+        raise ValueError(f"cfg must be a DataConfig (or None), got {type(cfg).__name__}")
+    if kind not in ("auto",) + KINDS:
+        raise ValueError(f"kind must be one of {['auto', *KINDS]}, got {kind!r}")
+    kind = cfg.kind if kind == "auto" else kind
+    t0 = time.perf_counter()
+    report = ValidationReport(source=str(source), kind=kind, volumes_checked=load_volumes)
+    try:
+        read = read_records_report(
+            source, kind, data_root=cfg.data_root or None, split=split, vqa_mode=cfg.vqa_mode,
+            ct_rate_target=cfg.ct_rate_target, skip_bad_records=True, check_files=True, allow_empty=True,
+        )  # fmt: skip
+    except DataError as e:
+        report.problems.append(Problem("source", str(source), str(e)))
+        report.seconds = time.perf_counter() - t0
+        return report
+    report.kind = read.kind
+    report.n_records = len(read.records)
+    report.problems += [Problem("record", where, msg) for where, msg in read.errors]
+    if not read.records and not read.errors:
+        report.problems.append(Problem("source", str(source), f"{source}: no records found ({read.kind})"))
+    if load_volumes and read.records:
+        _check_volumes(read.records, cfg, report)
+    report.seconds = time.perf_counter() - t0
+    level = logging.INFO if report.ok else logging.WARNING
+    logger.log(level, "validate %s: %d records, %d bad, %d volumes loaded (%.1f s)", source,
+               report.n_records + sum(p.stage == "record" for p in report.problems), report.bad_records,
+               report.n_volumes, report.seconds)
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# CLI verb
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True,
+                        help="dataset: a .jsonl manifest, M3D_Cap.json, an M3D-VQA .csv or a CT-RATE root")
+    parser.add_argument("--config", default=None,
+                        help="run config (YAML path or shipped name) whose data section sets the preprocessing "
+                             "(size, hu_window, max_voxels, oversize, cache_dir...); default: the DataConfig defaults")
+    parser.add_argument("--kind", default=None, choices=("auto",) + KINDS,
+                        help="dataset kind (default: the config's data.kind, else detected)")
+    parser.add_argument("--split", default=None,
+                        help="M3D-Cap train|validation|test or CT-RATE train|valid (default: all splits)")
+    parser.add_argument("--no-volumes", action="store_true", help="check the records only; load no volume")
+    parser.add_argument("--json", default=None, help="also write the full report here (JSON)")
+    parser.add_argument("--max-rows", type=int, default=50, help="bad records printed at most (default 50)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. data.size=[32,256,256] data.oversize=refuse")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config if args.config is not None else {}, args.overrides).data
+        report = validate_dataset(args.data, cfg, kind=args.kind or "auto", load_volumes=not args.no_volumes,
+                                  split=args.split)
+    except (ConfigError, ValueError) as e:
+        print(f"medvlm3d validate: error: {e}", file=sys.stderr)
+        return 2
+    print(report.format(max_rows=args.max_rows))
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report.to_dict(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return 0 if report.ok else 1
+
+
+__all__ = ["Problem", "ValidationReport", "validate_dataset", "add_arguments", "run"]
