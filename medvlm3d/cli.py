@@ -20,6 +20,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "infer": ("medvlm3d.eval.infer", "answer a prompt about one scan; slice scores, Vote-MI picks, --plot/--json"),
     "select": ("medvlm3d.eval.infer", "Vote-MI slice selection alone: PNG slices + selection.json for any 2D VLM"),
     "export": ("medvlm3d.eval.infer", "write a standalone checkpoint (optionally with the LoRA merged)"),
+    "estimate": ("medvlm3d.eval.estimate", "memory planning: parameters, visual tokens, GPU memory per rank (ZeRO-2/3)"),
     "demo": ("medvlm3d.train.demo", "the embedded default end to end: phantoms, stages 0-2, eval table"),
 }
 

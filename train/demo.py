@@ -87,10 +87,10 @@ def evaluate_demo(checkpoint: Path, test_manifest: Path, out: Path, meteor: bool
     blind = evaluate(model, records, "vqa_closed", out_dir=out / "vqa_closed_blind", blind=True, meteor=meteor)
     report = evaluate(model, records, "report", out_dir=out / "report", meteor=meteor)
     figures = {
-        "closed_vqa_accuracy": closed["accuracy"],
-        "presence_f1": report["clinical_efficacy"]["per_label"]["lesion"]["f1"],
-        "slice_mass": closed["slice_mass"],
-        "blind_drop": closed["accuracy"] - blind["accuracy"],
+        "closed_vqa_accuracy": closed["metrics"]["accuracy"],
+        "presence_f1": report["metrics"]["clinical_efficacy"]["per_label"]["lesion"]["f1"],
+        "slice_mass": closed["tgis_slice_mass"]["mass"],
+        "blind_drop": closed["metrics"]["accuracy"] - blind["metrics"]["accuracy"],
     }
     return {"figures": figures, "vqa_closed": closed, "vqa_closed_blind": blind, "report": report}
 

@@ -1,0 +1,192 @@
+"""Training data for every stage: records, datasets, a deterministic epoch sampler, loaders.
+
+    read_train_records(cfg) -> list[dict]          cfg.data.train via data.read_records_report
+    TextDataset(records, tokenizer, max_len, task, vqa_mode)[i] -> {input_ids, attention_mask, labels} [L]
+    TextCollator(pad_token_id)(samples) -> {input_ids [B,L], attention_mask [B,L], labels [B,L] (-100 = pad)}
+    EpochSampler(n, seed): a permutation of range(n) that depends only on (seed, epoch)
+    build_train_data(cfg, tokenizer, num_visual_tokens) -> (dataset, collate_fn)
+    make_loader(dataset, collate_fn, cfg) -> (DataLoader, EpochSampler)
+
+Stages: `stage0_text` reads each record as plain LM text (the question and its target rendered by
+the tokenizer's chat template without any image, every token supervised); `stage0_clip` uses the
+report records only, as `StudyDataset` samples (volumes, slices, report text); `stage1_align` and
+`stage2_finetune` use every record as `StudyDataset` samples (data/collate.py gives the batch).
+
+Order. `EpochSampler` draws `torch.randperm(n)` from a generator seeded by (train.seed, epoch),
+so the order of epoch e is the same in every run, whatever the number of processes; Accelerate
+then hands out consecutive batches to the processes in turn, so with P processes of batch B the
+global batch of a step holds the same P*B samples as one process of batch P*B. The loader drops
+the last incomplete batch (every optimizer step sees a full global batch), and its own generator
+(worker seeds) is re-seeded per epoch too, so nothing here draws from the global RNG.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from medvlm3d.data.config import RunConfig
+from medvlm3d.data.errors import DataError
+from medvlm3d.data.prompts import IGNORE_INDEX, format_record
+
+log = logging.getLogger(__name__)
+
+# Sources whose files hold several splits: training reads the "train" split of these.
+_SPLIT_KINDS = {"m3d_cap": "train", "ct_rate": "train"}
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A well-mixed 63-bit seed for (seed, epoch)."""
+    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+class EpochSampler(Sampler[int]):
+    """Indices of one epoch: a permutation seeded by (seed, epoch), or range(n) when not shuffling."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+        if n < 1:
+            raise ValueError(f"EpochSampler needs at least one sample, got n={n}")
+        self.n, self.seed, self.shuffle, self.epoch = int(n), int(seed), bool(shuffle), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def read_train_records(cfg: RunConfig) -> list[dict[str, Any]]:
+    """The training records of `cfg.data.train` (honours kind, data_root, vqa_mode,
+    ct_rate_target and skip_bad_records; multi-split sources give their "train" split)."""
+    from medvlm3d.data.readers import detect_kind, read_records_report
+
+    d = cfg.data
+    if not d.train:
+        raise ValueError("data.train is empty: give a manifest (.jsonl), M3D-Cap json, M3D-VQA csv or CT-RATE root")
+    kind = detect_kind(d.train) if d.kind == "auto" else d.kind
+    report = read_records_report(
+        d.train,
+        kind,
+        data_root=d.data_root or None,
+        split=_SPLIT_KINDS.get(kind),
+        vqa_mode=d.vqa_mode,
+        ct_rate_target=d.ct_rate_target,
+        skip_bad_records=d.skip_bad_records,
+    )
+    if report.skipped:
+        log.warning("data.train: skipped %d unreadable record(s) of %s", report.skipped, d.train)
+    log.info("data.train: %d records (%s) from %s", len(report.records), kind, d.train)
+    return report.records
+
+
+def record_task(rec: dict[str, Any], task: str, vqa_mode: str) -> str:
+    """The prompt task for `rec`: data.task, with open VQA when data.vqa_mode says so
+    (the same rule as StudyDataset)."""
+    if task in ("", "vqa") and vqa_mode == "open" and rec.get("task") == "vqa":
+        return "vqa_open"
+    return task
+
+
+class TextDataset(Dataset):
+    """Records as plain causal-LM text: chat-rendered question + target, no image, all tokens
+    supervised (truncated to `max_len`)."""
+
+    def __init__(self, records: Sequence[dict[str, Any]], tokenizer: Any, max_len: int,
+                 task: str = "", vqa_mode: str = "closed") -> None:
+        if max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {max_len}")
+        self.records, self.tokenizer, self.max_len = list(records), tokenizer, int(max_len)
+        self.task, self.vqa_mode = task, vqa_mode
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def text(self, i: int) -> str:
+        rec = self.records[i]
+        question, target = format_record(rec, record_task(rec, self.task, self.vqa_mode))
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            msgs = [{"role": "user", "content": question}, {"role": "assistant", "content": target}]
+            return tok.apply_chat_template(msgs, tokenize=False)
+        return f"{tok.bos_token or ''}{question}\n{target}{tok.eos_token or ''}"
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ids = self.tokenizer(self.text(i), add_special_tokens=False)["input_ids"][: self.max_len]
+        if len(ids) < 2:
+            raise DataError(f"record {self.records[i].get('id', i)!r}: its text gives fewer than 2 tokens")
+        t = torch.tensor(ids, dtype=torch.long)
+        return {"input_ids": t, "attention_mask": torch.ones_like(t), "labels": t.clone()}
+
+
+class TextCollator:
+    """Right-pads text samples: pad id in input_ids, 0 in attention_mask, -100 in labels."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        if pad_token_id is None or int(pad_token_id) < 0:
+            raise ValueError(f"pad_token_id must be a non-negative token id, got {pad_token_id!r}")
+        self.pad_token_id = int(pad_token_id)
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not samples:
+            raise ValueError("TextCollator got an empty list of samples")
+
+        def pad(key: str, value: int) -> torch.Tensor:
+            return pad_sequence([s[key] for s in samples], batch_first=True, padding_value=value)
+
+        return {"input_ids": pad("input_ids", self.pad_token_id), "attention_mask": pad("attention_mask", 0),
+                "labels": pad("labels", IGNORE_INDEX)}
+
+
+def build_train_data(cfg: RunConfig, tokenizer: Any, num_visual_tokens: int) -> tuple[Dataset, Callable]:
+    """The stage's dataset and collate function (see the module docstring)."""
+    from medvlm3d.data.collate import Collator
+    from medvlm3d.data.dataset import StudyDataset
+
+    records = read_train_records(cfg)
+    stage = cfg.train.stage
+    if stage == "stage0_text":
+        return (TextDataset(records, tokenizer, cfg.data.max_text_len, cfg.data.task, cfg.data.vqa_mode),
+                TextCollator(tokenizer.pad_token_id))
+    if stage == "stage0_clip":
+        records = [r for r in records if r.get("task") == "report"]
+        if not records:
+            raise DataError(f"data.train {cfg.data.train!r} holds no report records, which stage0_clip trains on")
+    ds = StudyDataset(records, cfg.data, tokenizer, num_visual_tokens, train=True)
+    if cfg.data.skip_bad_records:
+        dropped = ds.drop_bad_records()
+        log.info("data.skip_bad_records: dropped %d of %d records after loading each once", dropped, len(records))
+        if len(ds) == 0:
+            raise DataError(f"data.train {cfg.data.train!r}: every record failed to load")
+    return ds, Collator(tokenizer.pad_token_id)
+
+
+def make_loader(dataset: Dataset, collate_fn: Callable, cfg: RunConfig) -> tuple[DataLoader, EpochSampler]:
+    """A DataLoader of per-process batches of `train.batch_size`, ordered by an EpochSampler."""
+    if len(dataset) < cfg.train.batch_size:
+        raise ValueError(
+            f"data.train has {len(dataset)} samples, fewer than train.batch_size={cfg.train.batch_size}"
+        )
+    sampler = EpochSampler(len(dataset), cfg.train.seed)
+    workers = int(cfg.data.num_workers)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.train.batch_size,
+        sampler=sampler,
+        collate_fn=collate_fn,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(epoch_seed(cfg.train.seed, 0)),
+    )
+    return loader, sampler
