@@ -49,7 +49,7 @@ def non_llm_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _atomic_dir_swap(tmp: Path, final: Path) -> None:
+def atomic_dir_swap(tmp: Path, final: Path) -> None:
     old = final.with_name(f".{final.name}.old")
     if old.exists():
         shutil.rmtree(old)
@@ -115,7 +115,7 @@ def save_pretrained(model: Any, path: str | os.PathLike, merge_lora: bool = Fals
         }
         (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         _fsync_tree(tmp)
-        _atomic_dir_swap(tmp, final)
+        atomic_dir_swap(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -64,3 +64,7 @@ def test_non_editable_install_imports(tmp_path: Path) -> None:
                        cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "2e3"
+
+
+def test_float_overrides_accept_exponent_notation() -> None:
+    assert load_config("demo", ["train.lr=3e-3"]).train.lr == 3e-3

@@ -22,6 +22,11 @@ optimizer, scheduler and RNG states, and the consumed batches of the current epo
 without being loaded; on CPU the per-step losses then equal an uninterrupted run's exactly.
 A fresh start refuses a run folder that already holds checkpoints.
 
+Data (train/data.py): the records are not all loaded up front (that is a full pass over every
+volume); a bad record raises a DataError naming it when its batch comes, and the run can resume
+from its last checkpoint. With `data.skip_bad_records`, every record is loaded once before
+training and the bad ones are dropped and counted in the log.
+
 Accelerator: gradient accumulation (not synced to epoch ends, a step always has grad_accum
 micro-batches), mixed precision from `train.mixed_precision` (or, when that is "no", from
 `accelerate launch`), TensorBoard logging, the gloo process group on CPU, DDP with
@@ -181,14 +186,15 @@ def param_groups(module: nn.Module, vlm: nn.Module, cfg: RunConfig) -> list[dict
     from medvlm3d.model.trainable import trainable_parameter_groups
 
     components: dict[str, nn.Module | None] = dict(vlm.components())
-    head = nn.Module()
-    for name, child in module.named_children():
-        if child is not vlm:
-            head.add_module(name, child)
-    for name, p in module.named_parameters(recurse=False):
-        head.register_parameter(name, p)
-    if any(p.requires_grad for p in head.parameters()):
-        components["head"] = head
+    if module is not vlm:
+        head = nn.Module()
+        for name, child in module.named_children():
+            if child is not vlm:
+                head.add_module(name, child)
+        for name, p in module.named_parameters(recurse=False):
+            head.register_parameter(name, p)
+        if any(p.requires_grad for p in head.parameters()):
+            components["head"] = head
     t = cfg.train
     return trainable_parameter_groups(components, t.lr, t.lr_per_component, t.weight_decay)
 
@@ -260,13 +266,13 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    from medvlm3d.model.checkpoint import _atomic_dir_swap
+    from medvlm3d.model.checkpoint import atomic_dir_swap
 
     tmp = dst.with_name(f".{dst.name}.tmp-copy")
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(src, tmp)
-    _atomic_dir_swap(tmp, dst)
+    atomic_dir_swap(tmp, dst)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Two CPU processes (gloo) through `accelerate launch` with the shipped configs/accelerate/cpu_*.yaml:
 plain DDP, DeepSpeed ZeRO-2 and ZeRO-3 must match one process with the same global batch, and
-exit 0 (no abort at teardown).
+exit 0 (no abort at teardown); ZeRO-2 also resumes exactly from its sharded checkpoint, and the
+ZeRO-3 export (gathered weights) loads with load_pretrained and runs a forward.
 
 Tolerance. The recipe normalises the LM loss by the supervised tokens of the whole global step
 (train/loop.py), so P processes x batch B compute mathematically the same step as 1 process x

@@ -7,6 +7,7 @@ test), except the one that is SIGKILLed.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -24,9 +25,6 @@ from medvlm3d.train import loop as loop_mod
 from medvlm3d.train.checkpointing import MARKER, latest_complete, read_progress
 from medvlm3d.train.data import EpochSampler, TextCollator, TextDataset
 from medvlm3d.train.recipe import param_groups, run_training
-
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="session")
 def phantom(tmp_path_factory, phantom_manifest, phantom_records, tiny_tokenizer_dir) -> dict[str, Path]:
@@ -105,12 +103,24 @@ def test_param_groups_use_per_component_lrs(phantom) -> None:
     assert lrs["projector"] == 0.5 and lrs["tgis"] == cfg.train.lr
     assert "encoder3d" not in lrs  # frozen in stage 2
     assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in vlm.parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match="not model components"):
+        param_groups(vlm, vlm, tiny(phantom, Path("unused"), "stage2_finetune", "all",
+                                    "train.lr_per_component={head: 0.1}"))
+    if importlib.util.find_spec("medvlm3d.train.clip") is not None:
+        # stage 0 (clip): the contrastive model's own text tower and heads train as component "head"
+        cfg = tiny(phantom, Path("unused"), "stage0_clip", "all", "train.lr_per_component={head: 0.1}")
+        vlm = build_model(cfg)
+        module = loop_mod.stage_module(vlm, cfg)
+        groups = param_groups(module, vlm, cfg)
+        assert {g["lr"] for g in groups if g["name"].startswith("head")} == {0.1}
+        assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in module.parameters() if p.requires_grad}
 
 
 # ------------------------------------------------------------------------------------------------
 # training
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_on_a_fixed_batch_set(phantom, tmp_path) -> None:
     # 4 records, batch 2: the same 2 batches again and again. (A LoRA r=8 adapter on this tiny
     # random LLM learns too slowly to show in 30 steps, so the LLM trains in full here.)
@@ -132,6 +142,7 @@ def test_training_lowers_the_loss_on_a_fixed_batch_set(phantom, tmp_path) -> Non
     assert list((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents*"))
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_the_bigger_batch(phantom, tmp_path) -> None:
     # The LM term is normalised by the supervised tokens of the whole step, so 2 micro-batches of 1
     # give the step of one batch of 2 (a mean of per-micro-batch means would not).
@@ -143,6 +154,7 @@ def test_grad_accumulation_equals_the_bigger_batch(phantom, tmp_path) -> None:
     assert read_progress(latest_complete(tmp_path / "ga2"))["samples"] == 6
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_steps(phantom, tmp_path) -> None:
     common = ["train.max_steps=2", "model.trainable.llm=full"]
     run_training(tiny(phantom, tmp_path / "plain", "stage2_finetune", "four", *common))
@@ -162,8 +174,9 @@ def test_fresh_start_refuses_a_run_folder_with_checkpoints(phantom, tmp_path) ->
 
 @pytest.mark.slow
 def test_resume_after_sigkill_equals_an_uninterrupted_run(phantom, tmp_path, monkeypatch) -> None:
-    # 10 records, batch 2: 5 steps per epoch; checkpoints every 3 steps; 9 steps cross an epoch.
-    common = ["train.max_steps=9", "train.save_every=3", "train.keep_last=5"]
+    # 10 records, batch 2: 5 steps per epoch; checkpoints every 3 steps (mid-epoch); 12 steps cross
+    # two epoch boundaries, and leave the killed run 9 steps of margin after its first checkpoint.
+    common = ["train.max_steps=12", "train.save_every=3", "train.keep_last=5"]
     run_training(tiny(phantom, tmp_path / "full", "stage2_finetune", "ten", *common))
     expected = history(tmp_path / "full")
 
@@ -181,7 +194,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(phantom, tmp_path, mon
     assert proc.returncode == -signal.SIGKILL, err[-2000:]
     assert not (run / "final").exists()
     resumed_from = read_progress(latest_complete(run))["step"]
-    assert 3 <= resumed_from < 9
+    assert 3 <= resumed_from < 12
 
     from medvlm3d.data.dataset import StudyDataset
 
@@ -192,7 +205,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(phantom, tmp_path, mon
     assert history(run) == expected  # exact, float for float
     assert [r["loss"] for r in metrics(run)] == [r["loss"] for r in metrics(tmp_path / "full")]
     # the consumed batches were skipped, not loaded (+1 batch: the loader reads one ahead)
-    assert len(loaded) <= (9 - resumed_from + 1) * 2
+    assert len(loaded) <= (12 - resumed_from + 1) * 2
 
 
 def test_nonfinite_steps_are_skipped_then_abort(phantom, tmp_path, monkeypatch) -> None:
@@ -246,8 +259,6 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_finishes(phantom, tmp_pat
 
 @pytest.mark.slow
 def test_all_stages_chain_through_their_exports(phantom, tmp_path) -> None:
-    import importlib.util
-
     from safetensors.torch import load_file
 
     from medvlm3d.model.checkpoint import load_pretrained
