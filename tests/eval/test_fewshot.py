@@ -17,15 +17,6 @@ from medvlm3d.eval.fewshot import (example_prefix, fewshot_table, format_fewshot
 from medvlm3d.eval.runner import classify_record, eval_dataset, label_set, task_records
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls on a shared 2-core machine run far faster (and steadier) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model(tiny_cfg: Any) -> Any:
     torch.manual_seed(0)

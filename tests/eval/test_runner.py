@@ -28,15 +28,6 @@ M3D_HEADER = ["Image Path", "Text", "Question Type", "Question", "Choice A", "Ch
               "Answer", "Answer Choice"]  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls on a shared 2-core machine run far faster (and steadier) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory, tiny_cfg: Any) -> Path:
     torch.manual_seed(0)
