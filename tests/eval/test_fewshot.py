@@ -4,7 +4,7 @@ model, few-shot retrieval, the three-row table and `medvlm3d eval --protocol vot
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
