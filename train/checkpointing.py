@@ -11,7 +11,8 @@ Layout under the run folder:
 A checkpoint is written into a hidden temporary folder and renamed to `step-NNNNNN` only when
 whole, and `COMPLETE` is the final file inside it, so `latest_complete` never returns a
 half-written checkpoint, whatever moment a kill lands on. Only the last `keep_last` complete
-checkpoints are kept.
+checkpoints are kept; an old one is renamed out of the `step-*` namespace before it is deleted,
+so a kill during pruning cannot leave a half-deleted folder that still carries its marker.
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ def read_progress(ckpt: Path) -> dict[str, Any]:
     return json.loads((Path(ckpt) / "progress.json").read_text(encoding="utf-8"))
 
 
+def _discard(path: Path) -> None:
+    """Delete a checkpoint folder so that a kill at any moment leaves no half-deleted folder
+    that still looks complete: first rename it out of the `step-*` namespace (atomic), then delete."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def _fsync_dir_files(path: Path) -> None:
     for p in path.rglob("*"):
         if p.is_file():
@@ -89,7 +98,7 @@ def write_checkpoint(
         (tmp / "progress.json").write_text(json.dumps(progress), encoding="utf-8")
         _fsync_dir_files(tmp)
         if final.exists():  # a stale folder of the same step (e.g. from an earlier, aborted run)
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(tmp, final)
         (final / MARKER).write_text("ok\n", encoding="utf-8")
         with open(final / MARKER, "rb") as fh:
@@ -104,11 +113,12 @@ def prune(root: Path, keep_last: int) -> None:
     """Remove all but the newest `keep_last` complete checkpoints, and leftover temporaries."""
     done = complete_checkpoints(root)
     for p in done[: max(0, len(done) - max(1, keep_last))]:
-        shutil.rmtree(p, ignore_errors=True)
+        _discard(p)
     base = Path(root) / "checkpoints"
-    for p in base.glob(".tmp-step-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    for pattern in (".tmp-step-*", ".trash-step-*"):
+        for p in base.glob(pattern):
+            shutil.rmtree(p, ignore_errors=True)
     # An incomplete step folder (renamed, then killed before the marker) is never resumed from.
     for p in base.glob("step-*"):
         if p.is_dir() and not (p / MARKER).is_file():
-            shutil.rmtree(p, ignore_errors=True)
+            _discard(p)
