@@ -133,10 +133,35 @@ def _strip_lora_names(base: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _restore_llm(root: Path, cfg: Any, meta: dict[str, Any], tokenizer: Any, trainable: bool) -> Any:
+    """The checkpoint's LLM: the base from `<root>/llm` (or the external folder it names), with
+    `adapter/` loaded on top when present (trainable when `trainable`)."""
+    from medvlm3d.model.llm import build_llm
+
+    llm_cfg = copy.deepcopy(cfg.model.llm)
+    llm_cfg.path = str(root / "llm") if (root / "llm").is_dir() else meta.get("external_llm", "")
+    if not llm_cfg.path:
+        raise FileNotFoundError(f"{root}: no llm/ folder and no external LLM path in checkpoint.json")
+    llm = build_llm(llm_cfg, tokenizer)
+    if (root / "adapter").is_dir():
+        from peft import PeftModel
+
+        llm = PeftModel.from_pretrained(llm, str(root / "adapter"), is_trainable=trainable)
+    return llm
+
+
+def _read_meta(root: Path) -> dict[str, Any]:
+    meta_file = root / "checkpoint.json"
+    meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
+    if meta.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise ValueError(f"{root}: checkpoint format {meta['format_version']} is newer than this medvlm3d reads")
+    return meta
+
+
 def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Any:
     """Rebuild a MedVLM from a folder written by `save_pretrained`, from that folder alone
     (or the external LLM folder it names)."""
-    from medvlm3d.model.llm import build_llm, load_tokenizer
+    from medvlm3d.model.llm import load_tokenizer
     from medvlm3d.model.medvlm import MedVLM
 
     root = Path(path)
@@ -144,25 +169,13 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise FileNotFoundError(
             f"{root} is not a medvlm3d checkpoint: expected config.yaml and model.safetensors inside it"
         )
-    meta = json.loads((root / "checkpoint.json").read_text(encoding="utf-8")) if (root / "checkpoint.json").is_file() else {}
-    if meta.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-        raise ValueError(f"{root}: checkpoint format {meta['format_version']} is newer than this medvlm3d reads")
+    meta = _read_meta(root)
     cfg = load_config(root / "config.yaml")
     cfg.model.llm.tokenizer = str(root / "tokenizer")
     tokenizer = load_tokenizer(cfg.model.llm)
-    if (root / "llm").is_dir():
-        cfg.model.llm.path = str(root / "llm")
-    elif meta.get("external_llm"):
-        cfg.model.llm.path = meta["external_llm"]
-    else:
-        raise FileNotFoundError(f"{root}: no llm/ folder and no external LLM path in checkpoint.json")
     if dtype is not None:
         cfg.model.llm.dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
-    llm = build_llm(cfg.model.llm, tokenizer)
-    if (root / "adapter").is_dir():
-        from peft import PeftModel
-
-        llm = PeftModel.from_pretrained(llm, str(root / "adapter"), is_trainable=cfg.model.trainable.llm == "lora")
+    llm = _restore_llm(root, cfg, meta, tokenizer, trainable=cfg.model.trainable.llm == "lora")
     model = MedVLM(cfg, tokenizer, llm=llm, load_external_weights=False)
     state = load_file(str(root / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -185,32 +198,21 @@ def init_from_checkpoint(cfg: Any, path: str | os.PathLike) -> Any:
     when the policy asks for it. Non-LLM weights load from `model.safetensors`; modules that the
     checkpoint lacks (e.g. a TG-IS head first added in this stage) keep their initialisation.
     """
-    from medvlm3d.model.llm import apply_lora, build_llm, load_tokenizer
+    from medvlm3d.model.llm import apply_lora, load_tokenizer
     from medvlm3d.model.medvlm import MedVLM
 
     root = Path(path)
     if not (root / "model.safetensors").is_file():
         raise FileNotFoundError(f"train.init_from={str(root)!r} is not a medvlm3d checkpoint (no model.safetensors)")
-    meta = json.loads((root / "checkpoint.json").read_text(encoding="utf-8"))
+    meta = _read_meta(root)
     cfg = copy.deepcopy(cfg)
     cfg.model.llm.tokenizer = str(root / "tokenizer")
     tokenizer = load_tokenizer(cfg.model.llm)
-    llm_cfg = copy.deepcopy(cfg.model.llm)
-    llm_cfg.path = str(root / "llm") if (root / "llm").is_dir() else meta.get("external_llm", "")
-    if not llm_cfg.path:
-        raise FileNotFoundError(f"{root}: no llm/ folder and no external LLM path in checkpoint.json")
-    llm = build_llm(llm_cfg, tokenizer)
-    if (root / "adapter").is_dir():
-        from peft import PeftModel
-
-        llm = PeftModel.from_pretrained(llm, str(root / "adapter"), is_trainable=cfg.model.trainable.llm == "lora")
-        if cfg.model.trainable.llm == "full":
-            llm = llm.merge_and_unload()
-    elif cfg.model.trainable.llm == "lora":
+    llm = _restore_llm(root, cfg, meta, tokenizer, trainable=cfg.model.trainable.llm == "lora")
+    if (root / "adapter").is_dir() and cfg.model.trainable.llm == "full":
+        llm = llm.merge_and_unload()
+    elif not (root / "adapter").is_dir() and cfg.model.trainable.llm == "lora":
         llm = apply_lora(llm, cfg.model.llm.lora)
-    if not cfg.model.llm.path:
-        # The base now lives in the checkpoint chain; later saves store it again (see save_pretrained).
-        cfg.model.llm.path = ""
     model = MedVLM(cfg, tokenizer, llm=llm, load_external_weights=False)
     state = load_file(str(root / "model.safetensors"))
     own = model.state_dict()

@@ -105,7 +105,7 @@ class MedVLM(nn.Module):
         self.encoder3d = self.projector3d = None
         self.slice_encoder = self.projector2d = self.inter_slice = self.tgis = None
         self.text_encoder = None
-        if uses_3d or self.variant in ("2e3", "2e3_interslice"):
+        if uses_3d:
             self.encoder3d = build_encoder3d(mc.encoder3d)
             if load_external_weights and mc.encoder3d.weights:
                 load_encoder3d_weights(self.encoder3d, mc.encoder3d.weights, mc.encoder3d.weights_key_map)
@@ -177,7 +177,7 @@ class MedVLM(nn.Module):
 
     @property
     def width_dtype(self) -> torch.dtype:
-        return embed_tokens(self.llm, torch.zeros(1, 1, dtype=torch.long, device=self.device)).dtype
+        return self.llm.get_input_embeddings().weight.dtype
 
     def encode_images(
         self,
@@ -229,9 +229,7 @@ class MedVLM(nn.Module):
             for result in per_plane.values():
                 picked.extend(result.picks)
             picked = sorted(picked)[:n_picks] or [0]
-            while len(picked) < n_picks:
-                picked.append(picked[len(picked) % max(1, len(picked))])
-            rows.append(picked)
+            rows.append((picked * n_picks)[:n_picks])  # cycle when a study has fewer slices than picks
         return torch.tensor(rows, dtype=torch.long, device=vm_feats.device)
 
     def splice(self, input_ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
