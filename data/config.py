@@ -57,6 +57,7 @@ class DataConfig:
     mri_percentiles: tuple[float, float] = (0.5, 99.5)
     crop_foreground: bool = False
     augment: bool = False
+    shuffle_choices: bool = False  # training: re-permute closed choices per draw (data/prompts.py)
     cache_dir: str = ""
     max_voxels: int = 1024 * 1024 * 1024
     oversize: str = "downsample"  # downsample | refuse

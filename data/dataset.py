@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from .config import DataConfig
 from .errors import DataError
-from .prompts import encode_example, format_record, image_token_id
+from .prompts import encode_example, format_record, image_token_id, shuffle_choices
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,8 @@ class StudyDataset(Dataset):
         rid = self._id(i)
         if not isinstance(rec, dict):
             raise DataError(f"record {rid!r}: must be a dict, got {type(rec).__name__}")
+        if self.train and self.cfg.shuffle_choices:
+            rec = shuffle_choices(rec)
         question, target = format_record(rec, self._task(rec))
         study = self._load(rec, rid)
         n_img = int(study.volume.shape[0])

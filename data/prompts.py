@@ -2,6 +2,7 @@
 
     IMAGE_TOKEN = "<image>"
     format_record(rec, task="") -> (question_text, target_text)
+    shuffle_choices(rec) -> rec with its closed choices in a new order (torch RNG), letter updated
     encode_example(tokenizer, question, target, num_image_tokens, n_images=1, max_len=256,
                    record_id="") -> {"input_ids": list[int], "labels": list[int], "attention_mask": list[int]}
     encode_prompt(tokenizer, question, num_image_tokens, n_images=1) -> list[int]
@@ -18,7 +19,8 @@ the plain template "USER: <content>\\nASSISTANT: " is used, preceded by the bos 
 tokenizer has one. The rendered prompt is tokenized without adding special tokens (the
 template writes its own), and every `<image>` token is then expanded into `num_image_tokens`
 copies of the image token id, as HF VLM processors do; the model overwrites those positions
-with visual tokens.
+with visual tokens. `n_images=0` gives the same prompt without any image (stage0_text), so a
+text-only example is tokenized exactly like an image one, the image tokens aside.
 
 A training example is prompt ids + target ids + [eos] (the target tokenized on its own, no
 specials). `labels` are -100 over the prompt (image tokens included) and equal `input_ids`
@@ -103,6 +105,25 @@ def format_record(rec: dict[str, Any], task: str = "") -> tuple[str, str]:
     return f"{question} Choices: {listed}", f"{letter}. {answer}"
 
 
+def shuffle_choices(rec: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a closed VQA record with its choices in a random order (drawn from torch's RNG,
+    which the DataLoader seeds per worker and epoch) and `answer_choice` moved with its answer.
+
+    Training augmentation (`data.shuffle_choices`): a record seen in one fixed order lets a model
+    learn which letter goes with which question rather than how to read the listed letters.
+    Records without choices come back unchanged.
+    """
+    choices = rec.get("choices") or []
+    if len(choices) < 2:
+        return rec
+    import torch  # late: this module stays importable without torch
+
+    correct = _LETTERS.index(_closed_letter(rec, choices))
+    order = torch.randperm(len(choices)).tolist()
+    new = [choices[k] for k in order]
+    return {**rec, "choices": new, "answer_choice": _LETTERS[order.index(correct)]}
+
+
 # --------------------------------------------------------------------------------------------
 # text -> ids
 
@@ -125,8 +146,8 @@ def image_token_id(tokenizer: Any) -> int:
 def _check_args(num_image_tokens: int, n_images: int) -> None:
     if int(num_image_tokens) < 1:
         raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
-    if int(n_images) < 1:
-        raise ValueError(f"n_images must be >= 1, got {n_images}")
+    if int(n_images) < 0:
+        raise ValueError(f"n_images must be >= 0 (0: a text-only prompt), got {n_images}")
 
 
 def _prompt_text(tokenizer: Any, question: str, n_images: int) -> str:
@@ -150,8 +171,10 @@ def encode_prompt(
         raise DataError(f"{where}: the question must be a string, got {type(question).__name__}")
     if IMAGE_TOKEN in question:
         raise DataError(f"{where}: the question must not contain {IMAGE_TOKEN!r}; images are placed by the template")
-    img = image_token_id(tokenizer)
     ids = tokenizer(_prompt_text(tokenizer, question, n_images), add_special_tokens=False)["input_ids"]
+    if n_images == 0:
+        return list(ids)
+    img = image_token_id(tokenizer)
     found = sum(1 for t in ids if t == img)
     if found != n_images:
         raise DataError(f"{where}: the rendered prompt holds {found} {IMAGE_TOKEN} tokens, expected {n_images}")

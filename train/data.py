@@ -1,7 +1,7 @@
 """Training data for every stage: records, datasets, a deterministic epoch sampler, loaders.
 
     read_train_records(cfg) -> list[dict]          cfg.data.train via data.read_records_report
-    TextDataset(records, tokenizer, max_len, task, vqa_mode)[i] -> {input_ids, attention_mask, labels} [L]
+    TextDataset(records, tokenizer, max_len, task, vqa_mode, shuffle)[i] -> {input_ids, attention_mask, labels} [L]
     TextCollator(pad_token_id)(samples) -> {input_ids [B,L], attention_mask [B,L], labels [B,L] (-100 = pad)}
     EpochSampler(n, seed): a permutation of range(n) that depends only on (seed, epoch)
     build_train_data(cfg, tokenizer, num_visual_tokens) -> (dataset, collate_fn)
@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medvlm3d.data.config import RunConfig
 from medvlm3d.data.errors import DataError
-from medvlm3d.data.prompts import IGNORE_INDEX, format_record
+from medvlm3d.data.prompts import IGNORE_INDEX, encode_example, format_record, shuffle_choices
 
 log = logging.getLogger(__name__)
 
@@ -103,28 +103,23 @@ class TextDataset(Dataset):
     supervised (truncated to `max_len`)."""
 
     def __init__(self, records: Sequence[dict[str, Any]], tokenizer: Any, max_len: int,
-                 task: str = "", vqa_mode: str = "closed") -> None:
+                 task: str = "", vqa_mode: str = "closed", shuffle: bool = False) -> None:
         if max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {max_len}")
         self.records, self.tokenizer, self.max_len = list(records), tokenizer, int(max_len)
-        self.task, self.vqa_mode = task, vqa_mode
+        self.task, self.vqa_mode, self.shuffle = task, vqa_mode, bool(shuffle)
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def text(self, i: int) -> str:
-        rec = self.records[i]
-        question, target = format_record(rec, record_task(rec, self.task, self.vqa_mode))
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            msgs = [{"role": "user", "content": question}, {"role": "assistant", "content": target}]
-            return tok.apply_chat_template(msgs, tokenize=False)
-        return f"{tok.bos_token or ''}{question}\n{target}{tok.eos_token or ''}"
-
     def __getitem__(self, i: int) -> dict[str, Any]:
-        ids = self.tokenizer(self.text(i), add_special_tokens=False)["input_ids"][: self.max_len]
-        if len(ids) < 2:
-            raise DataError(f"record {self.records[i].get('id', i)!r}: its text gives fewer than 2 tokens")
+        rec = shuffle_choices(self.records[i]) if self.shuffle else self.records[i]
+        question, target = format_record(rec, record_task(rec, self.task, self.vqa_mode))
+        # Tokenized exactly as stages 1-2 and generation do (prompt, then target + eos), only with
+        # no image: a jointly tokenized "assistant: B. no" would merge the space into "ĠB" and teach
+        # a token sequence that generation, whose prompt ends in "assistant: ", never produces.
+        ids = encode_example(self.tokenizer, question, target, num_image_tokens=1, n_images=0,
+                             max_len=self.max_len, record_id=str(rec.get("id", i)))["input_ids"]
         t = torch.tensor(ids, dtype=torch.long)
         return {"input_ids": t, "attention_mask": torch.ones_like(t), "labels": t.clone()}
 
@@ -156,7 +151,8 @@ def build_train_data(cfg: RunConfig, tokenizer: Any, num_visual_tokens: int) -> 
     records = read_train_records(cfg)
     stage = cfg.train.stage
     if stage == "stage0_text":
-        return (TextDataset(records, tokenizer, cfg.data.max_text_len, cfg.data.task, cfg.data.vqa_mode),
+        return (TextDataset(records, tokenizer, cfg.data.max_text_len, cfg.data.task, cfg.data.vqa_mode,
+                            shuffle=cfg.data.shuffle_choices),
                 TextCollator(tokenizer.pad_token_id))
     if stage == "stage0_clip":
         records = [r for r in records if r.get("task") == "report"]

@@ -162,7 +162,7 @@ def test_encode_errors(tok: PreTrainedTokenizerFast) -> None:
     with pytest.raises(ValueError, match="num_image_tokens"):
         encode_prompt(tok, "Where?", 0)
     with pytest.raises(ValueError, match="n_images"):
-        encode_prompt(tok, "Where?", 2, n_images=0)
+        encode_prompt(tok, "Where?", 2, n_images=-1)
 
 
 def test_image_token_missing() -> None:
@@ -172,3 +172,27 @@ def test_image_token_missing() -> None:
         image_token_id(t)
     with pytest.raises(ValueError, match="<image>"):
         encode_prompt(t, "a", 2)
+
+
+def test_shuffle_choices_moves_the_letter_with_its_answer_and_varies_the_order() -> None:
+    import torch
+
+    from medvlm3d.data.prompts import shuffle_choices
+
+    rec = {"id": "r", "task": "vqa", "question": "Side?", "answer": "left",
+           "choices": ["right", "left", "midline", "both sides"], "answer_choice": "B"}
+    torch.manual_seed(0)
+    letters, orders = set(), set()
+    for _ in range(40):
+        new = shuffle_choices(rec)
+        question, target = format_record(new)
+        letter = target.split(".")[0]
+        assert target == f"{letter}. left" and f"{letter}. left" in question
+        assert sorted(new["choices"]) == sorted(rec["choices"])
+        letters.add(letter)
+        orders.add(tuple(new["choices"]))
+    assert letters == {"A", "B", "C", "D"} and len(orders) > 10
+    assert rec["choices"][1] == "left" and rec["answer_choice"] == "B"  # the input is not changed
+    assert shuffle_choices({**rec, "choices": []}) == {**rec, "choices": []}
+    with pytest.raises(DataError, match="answer_choice"):
+        shuffle_choices({**rec, "answer_choice": "F"})

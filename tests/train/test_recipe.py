@@ -81,7 +81,18 @@ def test_text_dataset_supervises_every_token_and_pads_with_ignore(phantom) -> No
     ds = TextDataset(read_records(phantom["four"]), tok, max_len=64)
     item = ds[0]
     assert torch.equal(item["labels"], item["input_ids"]) and len(item["input_ids"]) <= 64
-    assert "<image>" not in ds.text(0) and "assistant: " in ds.text(0)
+    # Token for token the image prompt without its image tokens, then the target and eos, as in
+    # stages 1-2: not the jointly tokenized chat text, whose "assistant: B" merges the space.
+    from medvlm3d.data.prompts import encode_example, encode_prompt, format_record, image_token_id
+
+    rec = read_records(phantom["four"])[0]
+    question, target = format_record(rec)
+    with_image = encode_example(tok, question, target, num_image_tokens=3, max_len=512)["input_ids"]
+    ids = TextDataset(read_records(phantom["four"]), tok, max_len=512)[0]["input_ids"].tolist()
+    text_prompt, image_prompt = encode_prompt(tok, question, 3, n_images=0), encode_prompt(tok, question, 3)
+    assert ids[: len(text_prompt)] == text_prompt and image_token_id(tok) not in ids
+    assert ids[len(text_prompt):] == with_image[len(image_prompt):]  # target + eos, same tokens
+    assert ids[-1] == tok.eos_token_id
     batch = TextCollator(tok.pad_token_id)([ds[0], ds[1]])
     short = int(batch["attention_mask"].sum(1).argmin())
     pad = batch["attention_mask"][short] == 0
