@@ -356,6 +356,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if value is None:
             return ""
+        if isinstance(value, bool):  # YAML 1.1 reads a bare off/on (no/yes) as a bool
+            return "on" if value else "off"
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return str(value)

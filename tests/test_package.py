@@ -68,3 +68,11 @@ def test_non_editable_install_imports(tmp_path: Path) -> None:
 
 def test_float_overrides_accept_exponent_notation() -> None:
     assert load_config("demo", ["train.lr=3e-3"]).train.lr == 3e-3
+
+
+def test_bare_off_reaches_a_string_choice_as_off() -> None:
+    # YAML 1.1 reads `teacher: off` as False; the choice must still be "off", and typos still fail.
+    assert load_config("tiny", ["model.vote_mi.teacher=off"]).model.vote_mi.teacher == "off"
+    assert load_config({"model": {"vote_mi": {"teacher": False}}}).model.vote_mi.teacher == "off"
+    with pytest.raises(ConfigError, match="vote_mi.teacher"):
+        load_config("tiny", ["model.vote_mi.teacher=on"])

@@ -212,6 +212,7 @@ class Loop:
         self.deepspeed = accelerator.distributed_type.value == "DEEPSPEED"
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.last_data_s = 0.0
 
     # data ------------------------------------------------------------------------------------
     def micro_batches(self) -> Iterator[dict[str, Any]]:
@@ -241,7 +242,9 @@ class Loop:
         """One optimizer step -> (global terms, skipped, stop requested)."""
         t, acc = self.cfg.train, self.acc
         s = self.progress.step
+        t0 = time.perf_counter()
         micro = [next(batches) for _ in range(t.grad_accum)]
+        self.last_data_s = time.perf_counter() - t0  # time spent waiting for the loader
         n_tokens = self._reduce([float(sum(supervised_tokens(b) for b in micro))])[0].float()
         scale = float(acc.num_processes * t.grad_accum)
         totals: dict[str, torch.Tensor] = {}
@@ -288,10 +291,10 @@ class Loop:
         return glob, bad, float(vec[-1]) > 0
 
     # the run ---------------------------------------------------------------------------------
-    def _log(self, terms: dict[str, float], skipped: bool, rate: float) -> None:
+    def _log(self, terms: dict[str, float], skipped: bool, rate: float, data_frac: float) -> None:
         p = self.progress
         row = {"step": p.step, **{k: v for k, v in terms.items()}, "lr": float(self.optimizer.param_groups[0]["lr"]),
-               "samples": p.samples, "samples_per_s": rate, "skipped": skipped}
+               "samples": p.samples, "samples_per_s": rate, "data_wait_frac": data_frac, "skipped": skipped}
         self.acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=p.step)
         if self.acc.is_main_process:
             with open(self.metrics_path, "a", encoding="utf-8") as fh:
@@ -313,7 +316,8 @@ class Loop:
                 terms, skipped, stop_now = self.step(batches, stop)
                 p.step += 1
                 p.samples += global_batch
-                rate = global_batch / max(1e-9, time.perf_counter() - start)
+                took = max(1e-9, time.perf_counter() - start)
+                rate, data_frac = global_batch / took, self.last_data_s / took
                 p.loss_history.append(None if skipped else terms.get("loss"))
                 if skipped:
                     p.nan_skipped += 1
@@ -323,7 +327,7 @@ class Loop:
                 else:
                     in_a_row = 0
                 if p.step % log_every == 0 or p.step == t.max_steps or skipped:
-                    self._log(terms, skipped, rate)
+                    self._log(terms, skipped, rate, data_frac)
                 bar.update(1)
                 bar.set_postfix(loss=f"{terms.get('loss', float('nan')):.4f}",
                                 lr=f"{self.optimizer.param_groups[0]['lr']:.2e}", sps=f"{rate:.1f}")

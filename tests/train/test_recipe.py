@@ -143,7 +143,8 @@ def test_training_lowers_the_loss_on_a_fixed_batch_set(phantom, tmp_path) -> Non
     assert len(losses) == 30 and all(v is not None for v in losses)
     rows = metrics(tmp_path / "run")
     assert [r["loss"] for r in rows] == losses and [r["step"] for r in rows] == list(range(1, 31))
-    assert {"loss", "lm", "distill", "lambda", "slice", "lr", "samples_per_s", "grad_norm"} <= set(rows[0])
+    assert {"loss", "lm", "distill", "lambda", "slice", "lr", "samples_per_s", "grad_norm", "data_wait_frac"} <= set(rows[0])
+    assert all(0.0 <= r["data_wait_frac"] < 1.0 for r in rows)
     for key in ("loss", "lm"):
         start, end = (sum(r[key] for r in part) / 3 for part in (rows[:3], rows[-3:]))
         assert end < 0.85 * start, (key, start, end)  # measured: loss 7.6 -> 5.2, lm 5.9 -> 4.2
