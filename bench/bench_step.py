@@ -2,7 +2,7 @@
 
     python bench/bench_step.py                                   # real_0p5b, cases ckpt no-ckpt slice-full
     python bench/bench_step.py --cases ckpt --repeats 3 --threads 2
-    python bench/bench_step.py --cases slice-full slice-full-timm-ckpt
+    python bench/bench_step.py --cases slice-full slice-full-ckpt
 
 Each case runs in a fresh child process (so memory peaks do not mix): it loads the config with the
 `stage2_finetune` layer (3D and slice encoders frozen, projectors and TG-IS full, LoRA on the LLM),
@@ -14,8 +14,9 @@ of `loss.backward()` on one sample: volume [1,1,D,H,W], slices [1,S,1,h,w], a pr
     ckpt                  LLM gradient checkpointing on (the config's setting)
     no-ckpt               LLM gradient checkpointing off
     slice-full            ckpt + slice encoder trainable (model.trainable.slice_encoder=full)
-    slice-full-timm-ckpt  slice-full + timm's own `backbone.set_grad_checkpointing()` called here
-                          (the model has no config switch for it; shows what wiring it would give)
+    slice-full-ckpt       slice-full + slice-encoder checkpointing from the config
+                          (model.slice_encoder.gradient_checkpointing=true: timm's set_grad_checkpointing)
+    slice-full-timm-ckpt  the same overrides (kept under its old name for earlier command lines)
 
 Printed per case: trainable parameters, the components in which some module has checkpointing
 switched on, median forward / backward / step seconds, peak RSS of the child
@@ -40,11 +41,13 @@ from typing import Any
 
 CORPUS = ["Write the findings of this scan.", "Findings: No focal lesion. The liver is normal."] * 20
 CKPT_ON, CKPT_OFF = "model.llm.gradient_checkpointing=true", "model.llm.gradient_checkpointing=false"
+SLICE_FULL, SLICE_CKPT = "model.trainable.slice_encoder=full", "model.slice_encoder.gradient_checkpointing=true"
 CASES: dict[str, dict[str, Any]] = {
     "ckpt": dict(overrides=[CKPT_ON]),
     "no-ckpt": dict(overrides=[CKPT_OFF]),
-    "slice-full": dict(overrides=[CKPT_ON, "model.trainable.slice_encoder=full"]),
-    "slice-full-timm-ckpt": dict(overrides=[CKPT_ON, "model.trainable.slice_encoder=full"], timm_ckpt=True),
+    "slice-full": dict(overrides=[CKPT_ON, SLICE_FULL]),
+    "slice-full-ckpt": dict(overrides=[CKPT_ON, SLICE_FULL, SLICE_CKPT]),
+    "slice-full-timm-ckpt": dict(overrides=[CKPT_ON, SLICE_FULL, SLICE_CKPT]),
 }
 DEFAULT = ["ckpt", "no-ckpt", "slice-full"]
 GIB = 2**30
@@ -116,8 +119,6 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
                       layers=["stage2_finetune"])
     torch.manual_seed(0)
     model = build_model(cfg).train()
-    if spec.get("timm_ckpt"):
-        model.slice_encoder.backbone.set_grad_checkpointing(True)
     batch = make_batch(model, cfg, spec["text_len"])
     fwd, bwd = [], []
     for i in range(spec["warmup"] + spec["repeats"]):

@@ -231,6 +231,7 @@ def main() -> None:
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
         ap.error("--steps and --rounds must be >= 1, --warmup >= 0")
     logging.basicConfig(level=logging.WARNING)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch loads, here and in every child
     t_start = time.perf_counter()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:

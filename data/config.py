@@ -104,6 +104,7 @@ class Encoder3DConfig:
     resnet_widths: tuple[int, ...] = (16, 32, 64, 128)
     weights: str = ""
     weights_key_map: str = ""  # "" | m3d_clip
+    gradient_checkpointing: bool = False  # recompute ViT blocks / ResNet stages in backward (saves memory)
 
     def __post_init__(self) -> None:
         _check_positive("encoder3d.img_size", self.img_size, 3)
@@ -121,6 +122,7 @@ class SliceEncoderConfig:
     weights: str = ""
     num_tokens: int = 4  # T: tokens per slice after pooling
     chunk_size: int = 64  # slices per backbone call
+    gradient_checkpointing: bool = False  # timm set_grad_checkpointing on the backbone (saves memory)
 
     def __post_init__(self) -> None:
         _check_choice("slice_encoder.in_chans", self.in_chans, (1, 3))

@@ -19,17 +19,26 @@ Registered architectures (`ENCODERS3D`, chosen by `Encoder3DConfig.arch`):
   feature map `[B, C*d*h*w]`, which is unflattened to `[B, d*h*w, C]`. The grid follows from the
   strides (conv1 stride 1, max-pool stride 2, layers 2-4 stride 2, each `ceil(n / 2)`).
 
+`Encoder3DConfig.gradient_checkpointing` (attribute `grad_checkpointing`, as timm names it): in
+training with grad enabled, the ViT's transformer blocks (resp. the ResNet's layer1..layer4) run
+under `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`, i.e. their activations are
+recomputed in backward; the forward is MONAI's own, re-spelled part by part, so outputs and
+gradients are those of `self.net(volume)`. BatchNorm running statistics are restored after the
+recomputation, so they are updated once per step as without checkpointing.
+
 `load_encoder3d_weights` reads a safetensors file or a weights-only torch file (never unpickles
 arbitrary objects) and can map M3D-CLIP / M3D-LaMed vision-tower keys onto the MONAI ViT.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import pickle
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +46,8 @@ import torch
 from einops import rearrange
 from monai.networks.nets import ResNet, ViT
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
 
 from medvlm3d.data.config import PRESETS, Encoder3DConfig
 from medvlm3d.model.registry import Registry
@@ -108,14 +119,32 @@ class ViTEncoder3D(nn.Module):
         self.img_size = img
         self.grid: tuple[int, int, int] = tuple(i // p for i, p in zip(img, patch))  # type: ignore[assignment]
         self.out_dim = int(cfg.hidden_size)
+        self.grad_checkpointing = bool(cfg.gradient_checkpointing)
 
     def forward(self, volume: torch.Tensor) -> torch.Tensor:
         """volume [B, 1, D, H, W] -> tokens [B, d*h*w, out_dim]."""
         _check_volume(volume, self.img_size)
-        x, _ = self.net(volume)
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            x = self._checkpointed_net(volume)
+        else:
+            x, _ = self.net(volume)
         if hasattr(self.net, "cls_token"):
             x = x[:, 1:]
         return x
+
+    def _checkpointed_net(self, volume: torch.Tensor) -> torch.Tensor:
+        """MONAI `ViT.forward` (monai 1.6) with each block checkpointed -> normed hidden states [B, L, C].
+
+        Our ViT has no classification head (cls token, if any, is still prepended) and the
+        per-block hidden states MONAI also returns are not needed, so they are not kept.
+        """
+        net = self.net
+        x = net.patch_embedding(volume)
+        if hasattr(net, "cls_token"):
+            x = torch.cat((net.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        for block in net.blocks:
+            x = checkpoint(block, x, use_reentrant=False)
+        return net.norm(x)
 
 
 class ResNetEncoder3D(nn.Module):
@@ -141,13 +170,46 @@ class ResNetEncoder3D(nn.Module):
         self.img_size = tuple(int(v) for v in cfg.img_size)
         self.grid = resnet_grid(self.img_size)
         self.out_dim = int(widths[-1])  # basic block: expansion 1
+        self.grad_checkpointing = bool(cfg.gradient_checkpointing)
 
     def forward(self, volume: torch.Tensor) -> torch.Tensor:
         """volume [B, 1, D, H, W] -> tokens [B, d*h*w, out_dim]."""
         _check_volume(volume, self.img_size)
-        flat = self.net(volume)  # [B, C*d*h*w], flattened from [B, C, d, h, w]
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            flat = self._checkpointed_net(volume)
+        else:
+            flat = self.net(volume)  # [B, C*d*h*w], flattened from [B, C, d, h, w]
         d, h, w = self.grid
         return rearrange(flat, "b (c d h w) -> b (d h w) c", c=self.out_dim, d=d, h=h, w=w)
+
+
+    def _checkpointed_net(self, volume: torch.Tensor) -> torch.Tensor:
+        """MONAI `ResNet.forward` (monai 1.6) with layer1..layer4 checkpointed -> [B, C*d*h*w].
+
+        avgpool is our `nn.Identity` and `fc` is None (`feed_forward=False`), as in `__init__`.
+        """
+        net = self.net
+        x = net.act(net.bn1(net.conv1(volume)))
+        if not net.no_max_pool:
+            x = net.maxpool(x)
+        for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+            x = checkpoint(layer, x, use_reentrant=False,
+                           context_fn=lambda layer=layer: (contextlib.nullcontext(), _keep_bn_stats(layer)))
+        x = net.avgpool(x)
+        return x.view(x.size(0), -1)
+
+
+@contextlib.contextmanager
+def _keep_bn_stats(module: nn.Module) -> Iterator[None]:
+    """Restore the BatchNorm running statistics of `module` on exit (used around a recomputation)."""
+    saved = [(buf, buf.clone()) for m in module.modules() if isinstance(m, _BatchNorm)
+             for buf in (m.running_mean, m.running_var, m.num_batches_tracked) if buf is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
 
 
 def resnet_grid(img_size: tuple[int, ...]) -> tuple[int, int, int]:

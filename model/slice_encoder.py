@@ -14,6 +14,8 @@ The feature layout is told apart by tensor rank, never by model name:
 
 Input slices are in [0, 1]; they are normalised with the backbone's pretrained mean/std (the
 channel mean for `in_chans=1`), and the grey channel is repeated when `in_chans=3`.
+`cfg.gradient_checkpointing` switches on timm's `set_grad_checkpointing` (blocks / stages are
+recomputed in backward; a `ValueError` at construction if the model does not support it).
 `cfg.weights` is a local file (safetensors or weights-only torch) handed to timm's own
 pretrained loader, which adapts the input conv to `in_chans`, resamples ViT position
 embeddings to the slice size and drops the classifier.
@@ -77,6 +79,8 @@ class SliceEncoder(nn.Module):
             if not any(k in own and own[k].shape == v.shape for k, v in sd.items()):
                 raise ValueError(f"no tensor of slice encoder weights {cfg.weights} matched {cfg.model_name!r}")
             logger.info("loaded slice encoder weights from %s", cfg.weights)
+        if cfg.gradient_checkpointing:
+            _enable_grad_checkpointing(self.backbone, cfg.model_name)
         pcfg = getattr(self.backbone, "pretrained_cfg", None) or {}
         mean = torch.tensor(pcfg.get("mean", (0.485, 0.456, 0.406)), dtype=torch.float32)
         std = torch.tensor(pcfg.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32)
@@ -148,6 +152,20 @@ class SliceEncoder(nn.Module):
         if mask.dtype != torch.bool or tuple(mask.shape) != tuple(slices.shape[:2]):
             raise ValueError(f"SliceEncoder expected a bool mask {list(slices.shape[:2])}, "
                              f"got {mask.dtype} {list(mask.shape)}")
+
+
+def _enable_grad_checkpointing(backbone: nn.Module, model_name: str) -> None:
+    """timm's own activation checkpointing (non-reentrant by default in timm >= 1.0); ValueError if unsupported."""
+    setter = getattr(backbone, "set_grad_checkpointing", None)
+    if setter is None:
+        raise ValueError(f"slice_encoder.gradient_checkpointing: timm model {model_name!r} has no "
+                         "set_grad_checkpointing; set it to false or pick another model_name")
+    try:
+        setter(True)
+    except (AssertionError, NotImplementedError) as e:  # timm: `assert not enable, '... not supported'`
+        raise ValueError(f"slice_encoder.gradient_checkpointing: timm model {model_name!r} does not support "
+                         f"gradient checkpointing ({e}); set it to false or pick another model_name") from e
+    logger.info("slice encoder %s: gradient checkpointing on", model_name)
 
 
 def _takes_img_size(model_name: str) -> bool:

@@ -190,3 +190,66 @@ def test_m3d_clip_map_prefixes_and_cls_drop(tmp_path, caplog):
         report = load_encoder3d_weights(enc, tmp_path / "lamed.safetensors", key_map="m3d_clip")
     assert report["unexpected"] == ["cls_token"]
     assert "cls token" in caplog.text
+
+
+# ------------------------------------------------------------------------- gradient checkpointing
+
+CKPT_CASES = {
+    "vit": dict(VIT, num_layers=2, dropout=0.1),  # dropout: the recomputation must replay the same masks
+    "vit-cls": dict(VIT, num_layers=2, weights_key_map="m3d_clip"),
+    "resnet": RESNET,
+}
+
+
+def _ckpt_pair(case: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The same encoder with checkpointing off and on, same weights, both in training mode."""
+    torch.manual_seed(0)
+    off = build_encoder3d(Encoder3DConfig(**CKPT_CASES[case]))
+    on = build_encoder3d(Encoder3DConfig(**CKPT_CASES[case], gradient_checkpointing=True))
+    on.load_state_dict(off.state_dict())
+    assert on.grad_checkpointing and not off.grad_checkpointing
+    return off.train(), on.train()
+
+
+def _step(enc: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    torch.manual_seed(1)
+    out = enc(x)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out.detach(), {n: p.grad for n, p in enc.named_parameters() if p.grad is not None}
+
+
+def _count_calls(module: torch.nn.Module) -> list[int]:
+    """Count calls of `module` (a pre-hook: a recomputation stops early, before any forward hook)."""
+    calls: list[int] = []
+    module.register_forward_pre_hook(lambda m, args: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("case", list(CKPT_CASES))
+def test_checkpointing_gives_same_output_grads_and_bn_stats(case):
+    off, on = _ckpt_pair(case)
+    x = torch.rand(2, 1, 16, 32, 32)
+    out_off, g_off = _step(off, x)
+    out_on, g_on = _step(on, x)
+    assert torch.allclose(out_on, out_off, atol=1e-6)
+    assert sorted(g_on) == sorted(g_off) and len(g_on) > 4
+    for name in g_off:
+        assert torch.allclose(g_on[name], g_off[name], atol=1e-6), name
+    for (name, a), (_, b) in zip(off.named_buffers(), on.named_buffers()):  # BN stats updated once
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("case", ["vit", "resnet"])
+def test_checkpointing_recomputes_blocks_only_when_training(case):
+    off, on = _ckpt_pair(case)
+    block = (lambda e: e.net.blocks[0]) if case.startswith("vit") else (lambda e: e.net.layer1)
+    calls_off, calls_on = _count_calls(block(off)), _count_calls(block(on))
+    x = torch.rand(1, 1, 16, 32, 32)
+    _step(off, x)
+    _step(on, x)
+    assert (len(calls_off), len(calls_on)) == (1, 2)  # forward, + recomputation in backward
+    calls_on.clear()
+    with torch.no_grad():
+        on(x)
+    on.eval()(x).sum().backward()
+    assert len(calls_on) == 2  # no_grad and eval: MONAI's own forward, run once each

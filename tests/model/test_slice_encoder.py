@@ -132,3 +132,38 @@ def test_weight_errors(tmp_path):
     torch.save({"obj": object.__new__(SliceEncoderConfig)}, tmp_path / "pickled.pt")
     with pytest.raises(ValueError, match="pickled.pt.*weights_only=True"):
         SliceEncoder(SliceEncoderConfig(**TINY_RESNET, weights=str(tmp_path / "pickled.pt")), (32, 32))
+
+
+# ------------------------------------------------------------------------- gradient checkpointing
+
+
+@pytest.mark.parametrize("spec", [TINY_VIT, TINY_RESNET], ids=["vit", "resnet"])
+def test_gradient_checkpointing_same_output_and_grads_and_recomputes(spec):
+    torch.manual_seed(0)
+    off = SliceEncoder(SliceEncoderConfig(**spec), (32, 32)).train()
+    on = SliceEncoder(SliceEncoderConfig(**spec, gradient_checkpointing=True), (32, 32)).train()
+    on.load_state_dict(off.state_dict())
+    assert on.backbone.grad_checkpointing and not off.backbone.grad_checkpointing
+    block = (lambda e: e.backbone.blocks[0]) if "vit" in spec["model_name"] else (lambda e: e.backbone.layer1[0])
+    calls = {"off": [], "on": []}
+    for name, enc in (("off", off), ("on", on)):
+        # a pre-hook: the recomputation in backward stops early, before any forward hook would run
+        block(enc).register_forward_pre_hook(lambda m, a, name=name: calls[name].append(1))
+    x, mask = torch.rand(1, 3, 1, 32, 32), _mask([[1, 1, 0]])
+    outs, grads = {}, {}
+    for name, enc in (("off", off), ("on", on)):
+        out = enc(x, mask)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs[name] = out.detach()
+        grads[name] = {n: p.grad for n, p in enc.named_parameters() if p.grad is not None}
+    assert (len(calls["off"]), len(calls["on"])) == (1, 2)  # forward, + recomputation in backward
+    assert torch.allclose(outs["on"], outs["off"], atol=1e-6)
+    assert sorted(grads["on"]) == sorted(grads["off"]) and len(grads["on"]) > 4
+    for n in grads["off"]:
+        assert torch.allclose(grads["on"][n], grads["off"][n], atol=1e-6), n
+
+
+def test_gradient_checkpointing_unsupported_model_is_a_clear_error():
+    with pytest.raises(ValueError, match="'dla46_c' does not support gradient checkpointing"):
+        SliceEncoder(SliceEncoderConfig(model_name="dla46_c", gradient_checkpointing=True), (32, 32))
+    SliceEncoder(SliceEncoderConfig(model_name="dla46_c"), (32, 32))  # fine without the flag
