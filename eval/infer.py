@@ -2,7 +2,7 @@
 
 Python API:
     infer(checkpoint | model, volume, prompt=None, task="vqa", device="cpu", max_new_tokens=None,
-          plot=None, json_path=None, top_k=6) -> dict
+          plot=None, json_path=None, top_k=6, device_map=None) -> dict
         {answer, prompt, volume, task, variant, score_kind ("tgis" | "none"),
          slice_scores: [{plane, index, score}]   TG-IS scores over the real slices (sum 1; [] when
                                                  the variant has none: 3d_only / 2d_only),
@@ -89,12 +89,39 @@ def _device(device: str) -> torch.device:
     return dev
 
 
-def load_model(checkpoint: str | os.PathLike, device: str = "cpu") -> Any:
-    """load_pretrained on `device`, bf16 on a GPU, float32 on the CPU."""
-    from medvlm3d.model.checkpoint import load_pretrained
+def parse_device_map(text: str | None) -> Any:
+    """The `--device-map` value: None, a strategy or device name ("auto", "balanced", "cuda:1"), or
+    a JSON object {module name: device} (e.g. '{"model.embed_tokens": 0, "model.layers": 1, ...}')."""
+    if text is None or not str(text).strip():
+        return None
+    text = str(text).strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--device-map: {text!r} is not a JSON object {{module name: device}} ({e})") from e
+    return int(text) if text.isdigit() else text
 
-    dev = _device(device)
+
+def _map_uses_gpu(device_map: Any) -> bool:
+    if isinstance(device_map, str) and device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return torch.cuda.is_available()
+    values = device_map.values() if isinstance(device_map, dict) else [device_map]
+    return any(isinstance(v, int) or (isinstance(v, (str, torch.device)) and str(v).startswith("cuda")) for v in values)
+
+
+def load_model(checkpoint: str | os.PathLike, device: str = "cpu", device_map: Any = None) -> Any:
+    """load_pretrained on `device`, bf16 on a GPU, float32 on the CPU. With `device_map` (e.g.
+    "auto", for an LLM too large for one GPU) the LLM is dispatched over the GPUs by accelerate,
+    bf16 when the map uses a GPU, and `device` is not used."""
+    from medvlm3d.model.checkpoint import check_device_map, load_pretrained
+
     root = _check_checkpoint(checkpoint)
+    if device_map is not None:
+        check_device_map(device_map)
+        dtype = torch.bfloat16 if _map_uses_gpu(device_map) else None
+        return load_pretrained(root, dtype=dtype, device_map=device_map)
+    dev = _device(device)
     return load_pretrained(root, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else None)
 
 
@@ -131,10 +158,12 @@ def infer(
     plot: str | os.PathLike | None = None,
     json_path: str | os.PathLike | None = None,
     top_k: int = 6,
+    device_map: Any = None,
 ) -> dict[str, Any]:
     """Answer `prompt` about `volume` with a checkpoint folder (or an already loaded MedVLM);
     see the module docstring for the returned dict. `task="report"` without a prompt uses the
-    report instruction the model was trained with (`data.readers.REPORT_QUESTION`)."""
+    report instruction the model was trained with (`data.readers.REPORT_QUESTION`).
+    `device_map` (e.g. "auto") spreads a large LLM over several GPUs (see `load_model`)."""
     from medvlm3d.data.readers import REPORT_QUESTION
     from medvlm3d.model.vote_mi import select_slices
 
@@ -148,7 +177,7 @@ def infer(
         _check_checkpoint(checkpoint)
     _check_volume_path(volume)
     t0 = time.perf_counter()
-    model = load_model(checkpoint, device) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    model = load_model(checkpoint, device, device_map) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     cfg = model.cfg
     t1 = time.perf_counter()
     vol = preprocessed_volume(volume, cfg.data)
@@ -297,13 +326,25 @@ def add_infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, help="write the slice-score picture here (PNG)")
     p.add_argument("--json", default=None, help="write the answer, slice scores and Vote-MI picks here")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N] (bf16 on a GPU)")
+    add_device_map_argument(p)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the checkpoint's eval.max_new_tokens")
     p.add_argument("--top-k", type=int, default=6, help="slices shown in the plot's strip (default 6)")
 
 
+def add_device_map_argument(p: argparse.ArgumentParser) -> None:
+    """`--device-map`, shared by `medvlm3d infer` and `medvlm3d eval`."""
+    p.add_argument("--device-map", default=None, metavar="MAP",
+                   help="for LLMs too large for one GPU, e.g. --device-map auto: the LLM's layers are spread over "
+                        "the GPUs (then the CPU) by accelerate, bf16, and the other modules follow its input "
+                        "embeddings; also balanced | balanced_low_0 | sequential | a device | a JSON object "
+                        "{module name: device}. Overrides --device. A LoRA adapter needs the LLM on GPUs only (export "
+                        "--merge-lora first otherwise). Default: none (whole model on --device)")
+
+
 def run_infer(args: argparse.Namespace) -> int:
     out = infer(args.checkpoint, args.volume, args.prompt, task=args.task, device=args.device,
-                max_new_tokens=args.max_new_tokens, plot=args.plot, json_path=args.json, top_k=args.top_k)
+                max_new_tokens=args.max_new_tokens, plot=args.plot, json_path=args.json, top_k=args.top_k,
+                device_map=parse_device_map(args.device_map))
     top = sorted(out["slice_scores"], key=lambda e: -e["score"])[:3]
     if top:
         log.info("top slices: %s", ", ".join(f"{e['plane']} {e['index']} ({e['score']:.3f})" for e in top))

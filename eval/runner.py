@@ -5,7 +5,7 @@
         {"task", "n", "blind", "metrics": {...}, "tgis_slice_mass": {...} | None}
     `medvlm3d eval --checkpoint DIR --data SRC --task report|vqa_closed|vqa_open|classify
                    [--kind auto] [--split S] [--limit N] [--batch-size B] [--out DIR] [--no-meteor]
-                   [--blind] [--protocol standard|voteMI ...]`
+                   [--blind] [--protocol standard|voteMI ...] [--device-map auto]`
 
 Records per task (`task_records`): report -> task "report"; vqa_closed -> VQA with choices;
 vqa_open -> VQA records without choices when there are any (the phantoms hold each question in
@@ -374,6 +374,8 @@ def read_eval_records(source: str, cfg: Any, task: str, kind: str = "auto", spli
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from medvlm3d.eval.infer import add_device_map_argument
+
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (save_pretrained / export)")
     p.add_argument("--data", required=True, help="a JSONL manifest, M3D_Cap.json, an M3D-VQA .csv or a CT-RATE root")
     p.add_argument("--task", required=True, choices=TASKS, help="what to evaluate")
@@ -386,6 +388,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process)")
     p.add_argument("--blind", action="store_true", help="also run the image-blind control and print the drop")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    add_device_map_argument(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the blind derangement / random slices")
     p.add_argument("--protocol", default="standard", choices=("standard", "voteMI"),
                    help="voteMI (with --task classify): random vs Vote-MI vs TG-IS slices, zero/few-shot")
@@ -396,11 +399,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from medvlm3d.eval.infer import load_model
+    from medvlm3d.eval.infer import load_model, parse_device_map
 
     if args.protocol == "voteMI" and args.task != "classify":
         raise ValueError("--protocol voteMI needs --task classify")
-    model = load_model(args.checkpoint, args.device)
+    model = load_model(args.checkpoint, args.device, parse_device_map(args.device_map))
     records = read_eval_records(args.data, model.cfg.data, args.task, args.kind, args.split)
     out = Path(args.out or f"eval-{Path(args.checkpoint).resolve().name}-{args.task}")
     if args.protocol == "voteMI":

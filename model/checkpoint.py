@@ -9,6 +9,11 @@
       adapter/            the PEFT LoRA adapter (when LoRA is used and not merged)
       tokenizer/          the tokenizer, <image> token included
 
+`load_pretrained(path, device_map="auto")` loads the LLM with accelerate's big-model dispatch
+(its layers spread over the GPUs, then the CPU), for LLMs too large for one GPU; every other
+module then sits on the device of the LLM's input embeddings. A LoRA adapter needs the LLM on
+GPUs only (no CPU/disk offload); merge it first (`medvlm3d export --merge-lora`) otherwise.
+
 Writes are atomic: everything goes to a hidden sibling folder, which is renamed into place; an
 older folder of the same name is moved aside first and removed only after the rename. Nothing
 is unpickled when loading: safetensors, YAML via safe_load, and HF/PEFT's safetensors files.
@@ -133,19 +138,32 @@ def _strip_lora_names(base: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _restore_llm(root: Path, cfg: Any, meta: dict[str, Any], tokenizer: Any, trainable: bool) -> Any:
+def _restore_llm(
+    root: Path, cfg: Any, meta: dict[str, Any], tokenizer: Any, trainable: bool, device_map: Any = None
+) -> Any:
     """The checkpoint's LLM: the base from `<root>/llm` (or the external folder it names), with
-    `adapter/` loaded on top when present (trainable when `trainable`)."""
+    `adapter/` loaded on top when present (trainable when `trainable`); dispatched over devices
+    by `device_map` when given."""
     from medvlm3d.model.llm import build_llm
 
     llm_cfg = copy.deepcopy(cfg.model.llm)
     llm_cfg.path = str(root / "llm") if (root / "llm").is_dir() else meta.get("external_llm", "")
     if not llm_cfg.path:
         raise FileNotFoundError(f"{root}: no llm/ folder and no external LLM path in checkpoint.json")
-    llm = build_llm(llm_cfg, tokenizer)
+    llm = build_llm(llm_cfg, tokenizer, device_map=device_map)
     if (root / "adapter").is_dir():
         from peft import PeftModel
 
+        placed = {str(v) for v in (getattr(llm, "hf_device_map", None) or {}).values()}
+        offloaded = sorted(placed & {"cpu", "disk"}) if len(placed) > 1 or "disk" in placed else []
+        if offloaded:
+            # PEFT would re-dispatch the offloaded base model, and the LoRA weights of offloaded
+            # (meta) layers can be lost on the way; refuse rather than answer with a wrong model.
+            raise ValueError(
+                f"{root}: device_map={device_map!r} offloads part of the LLM to {' and '.join(offloaded)} "
+                f"({llm.hf_device_map}); a LoRA adapter cannot be loaded onto offloaded layers. Merge it "
+                "first (medvlm3d export --merge-lora) or give the LLM enough GPU memory (more GPUs)"
+            )
         llm = PeftModel.from_pretrained(llm, str(root / "adapter"), is_trainable=trainable)
     return llm
 
@@ -158,12 +176,74 @@ def _read_meta(root: Path) -> dict[str, Any]:
     return meta
 
 
-def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Any:
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_map(device_map: Any) -> Any:
+    """`device_map` unchanged when it is one HF accepts (a strategy name, a device, or a non-empty
+    dict {module name: device | "disk"}) and names no GPU that torch cannot see; else ValueError."""
+    expected = (f"device_map must be one of {list(DEVICE_MAP_STRATEGIES)}, a device (cpu, cuda:N, N), or a dict "
+                "{module name: device}")
+    if isinstance(device_map, str) and device_map in DEVICE_MAP_STRATEGIES:
+        return device_map
+    if isinstance(device_map, dict):
+        if not device_map:
+            raise ValueError(f"{expected}; got an empty dict")
+        values = [v for v in device_map.values() if v != "disk"]
+    elif isinstance(device_map, (str, int, torch.device)) and not isinstance(device_map, bool):
+        values = [device_map]
+    else:
+        raise ValueError(f"{expected}; got {device_map!r}")
+    for v in values:
+        try:
+            dev = torch.device("cuda", v) if isinstance(v, int) and not isinstance(v, bool) else torch.device(v)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"{expected}; got {device_map!r} ({v!r} is not a device)") from e
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device_map {device_map!r} names a CUDA device but torch sees no CUDA GPU")
+    return device_map
+
+
+def _place_around_llm(model: Any, dtype: torch.dtype | None) -> torch.device:
+    """Move every module except the (dispatched) LLM to the device of the LLM's input embeddings,
+    cast to `dtype` there unless that device is the CPU; returns that device."""
+    if next(model.parameters(recurse=False), None) is not None or next(model.buffers(recurse=False), None) is not None:
+        raise ValueError("MedVLM holds tensors outside its submodules; load_pretrained(device_map=...) cannot place them")
+    dev = model.embed_device
+    for name, child in model.named_children():
+        if name == "llm":
+            continue
+        child.to(dev)
+        if dtype is not None and dev.type != "cpu":
+            child.to(dtype)
+    return dev
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    device_map: Any = None,
+) -> Any:
     """Rebuild a MedVLM from a folder written by `save_pretrained`, from that folder alone
-    (or the external LLM folder it names)."""
+    (or the external LLM folder it names).
+
+    device: where the whole model goes (without `device_map`).
+    dtype: the whole model's dtype (bf16/fp16 on a GPU; on the CPU only float32, since some 3D
+        ops such as avg_pool3d have no bf16 CPU kernel).
+    device_map: for LLMs too large for one GPU: "auto" (or "balanced", "balanced_low_0",
+        "sequential", a device, or a dict {module name: device}) loads the base LLM with HF's
+        `from_pretrained(device_map=...)`, i.e. accelerate's big-model dispatch; the LoRA adapter
+        is loaded on top (not onto layers offloaded to the CPU or disk: a clear error), and every
+        other module goes to the device of the LLM's input embeddings (`device` is then ignored).
+        The dispatched LLM is never moved with `.to`.
+    """
     from medvlm3d.model.llm import load_tokenizer
     from medvlm3d.model.medvlm import MedVLM
 
+    if dtype is not None and dtype != torch.float32 and device_map is None and torch.device(device).type == "cpu":
+        raise ValueError(f"dtype {dtype} is for a GPU: on the CPU load in float32 (dtype=None), "
+                         "since some 3D ops (avg_pool3d) have no reduced-precision CPU kernel")
     root = Path(path)
     if not (root / "config.yaml").is_file() or not (root / "model.safetensors").is_file():
         raise FileNotFoundError(
@@ -175,16 +255,22 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
     tokenizer = load_tokenizer(cfg.model.llm)
     if dtype is not None:
         cfg.model.llm.dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
-    llm = _restore_llm(root, cfg, meta, tokenizer, trainable=cfg.model.trainable.llm == "lora")
+    if device_map is not None:
+        check_device_map(device_map)
+    llm = _restore_llm(root, cfg, meta, tokenizer, trainable=cfg.model.trainable.llm == "lora", device_map=device_map)
     model = MedVLM(cfg, tokenizer, llm=llm, load_external_weights=False)
     state = load_file(str(root / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k.startswith(LLM_PREFIX) or k.startswith("text_encoder."))]
     if missing or unexpected:
         raise ValueError(f"{root}/model.safetensors does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.to(device)
-    if dtype is not None and torch.device(device).type != "cpu":
-        model.to(dtype)
+    if device_map is not None:
+        dev = _place_around_llm(model, dtype)
+        log.info("loaded %s with device_map=%r; non-LLM modules on %s", root, device_map, dev)
+    else:
+        model.to(device)
+        if dtype is not None:
+            model.to(dtype)
     model.eval()
     return model
 

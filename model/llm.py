@@ -2,9 +2,11 @@
 
 - `load_tokenizer(cfg)`: a tokenizer from a local folder (`cfg.tokenizer` or `cfg.path`), with the
   `<image>` placeholder registered as a special token and a pad token set.
-- `build_llm(cfg, tokenizer)`: a causal LM, either from a local checkpoint folder (`cfg.path`) or
-  randomly initialised from the config fields (registry `LLM_ARCHS`: "llama", "qwen2"). Its
-  input embeddings are grown to `len(tokenizer)` when the tokenizer has more tokens than the model.
+- `build_llm(cfg, tokenizer, device_map=None)`: a causal LM, either from a local checkpoint folder
+  (`cfg.path`) or randomly initialised from the config fields (registry `LLM_ARCHS`: "llama",
+  "qwen2"). Its input embeddings are grown to `len(tokenizer)` when the tokenizer has more tokens
+  than the model. `device_map` ("auto", "balanced", a dict, ...) dispatches a folder's LM over
+  several devices through accelerate (big-model inference).
   forward(inputs_embeds [B, L, Dl], attention_mask [B, L]) -> logits [B, L, V].
 - `apply_lora(model, lora_cfg)` -> `peft.PeftModel`; `merge_lora` folds the adapter back in.
 - `embed_tokens(model, input_ids [B, L]) -> [B, L, Dl]`, for plain and PEFT-wrapped models alike.
@@ -134,14 +136,23 @@ def ensure_special_tokens(tok: Any) -> int:
 # causal LM
 
 
-def build_llm(cfg: LLMConfig, tokenizer: Any) -> PreTrainedModel:
+def build_llm(cfg: LLMConfig, tokenizer: Any, device_map: Any = None) -> PreTrainedModel:
     """A causal LM from the local folder `cfg.path`, or randomly initialised from `cfg`'s fields.
 
     The input (and output) embeddings are resized to `len(tokenizer)` when the tokenizer holds
     tokens the model cannot embed (e.g. the `<image>` token `load_tokenizer` added); a larger
     embedding table (padded vocabularies, as in Qwen) is kept as is.
+
+    device_map: passed to `from_pretrained` (accelerate's big-model dispatch: "auto", "balanced",
+        "balanced_low_0", "sequential", a device, or a dict {module name: device}); the layers
+        may then sit on several devices. Needs `cfg.path` (weights to load).
     """
     dtype = DTYPES[cfg.dtype]
+    if device_map is not None and not cfg.path:
+        raise ValueError(
+            f"device_map={device_map!r} needs an LLM loaded from a folder (llm.path); a randomly "
+            "initialised LLM built from the config fields is not dispatched over devices"
+        )
     if cfg.path:
         folder = _local_dir(cfg.path, "llm.path", need=("config.json",))
         with _load_errors("llm.path", folder, "causal LM"):
@@ -150,8 +161,11 @@ def build_llm(cfg: LLMConfig, tokenizer: Any) -> PreTrainedModel:
                 local_files_only=True,
                 attn_implementation=cfg.attn_implementation,
                 trust_remote_code=cfg.trust_remote_code,
+                **({} if device_map is None else {"device_map": device_map}),
                 **{_DTYPE_KW: dtype},
             )
+        if device_map is not None:
+            log.info("LM dispatched with device_map=%r: %s", device_map, getattr(model, "hf_device_map", None))
     else:
         hf_cfg = LLM_ARCHS.build(
             cfg.arch,

@@ -97,7 +97,8 @@ class MedVLM(nn.Module):
             if mc.trainable.llm == "lora":
                 llm = apply_lora(llm, mc.llm.lora)
         self.llm = llm
-        width = int(embed_tokens(self.llm, torch.zeros(1, 1, dtype=torch.long)).shape[-1])
+        probe = torch.zeros(1, 1, dtype=torch.long, device=self.embed_device)
+        width = int(embed_tokens(self.llm, probe).shape[-1])
         self.width = width
 
         uses_3d = self.variant in ("2e3", "2e3_interslice", "3d_only")
@@ -150,8 +151,19 @@ class MedVLM(nn.Module):
         return self.projector3d.num_tokens + t2d
 
     @property
+    def embed_device(self) -> torch.device:
+        """The device of the LLM's input embeddings: where input ids and visual tokens meet. With
+        a dispatched LLM (`load_pretrained(device_map=...)`) the other modules sit there too."""
+        emb = self.llm.get_input_embeddings()
+        hook_dev = getattr(getattr(emb, "_hf_hook", None), "execution_device", None)  # accelerate offload
+        if hook_dev is not None:
+            return torch.device("cuda", hook_dev) if isinstance(hook_dev, int) else torch.device(hook_dev)
+        return emb.weight.device
+
+    @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        """Where inputs go: the LLM's input-embedding device (the encoders sit there too)."""
+        return self.embed_device
 
     # ----------------------------------------------------------------------------------------
     # encoding
@@ -170,8 +182,8 @@ class MedVLM(nn.Module):
                 raise ValueError("tgis.text_source 'hf' needs the question strings in the batch ('questions')")
             feats = self.text_encoder(list(questions)).to(self.width_dtype)
         else:
-            emb = embed_tokens(self.llm, question_ids)  # [B, Lq, Dl]
-            m = question_mask.to(emb.dtype).unsqueeze(-1)
+            emb = embed_tokens(self.llm, question_ids.to(self.embed_device))  # [B, Lq, Dl]
+            m = question_mask.to(device=emb.device, dtype=emb.dtype).unsqueeze(-1)
             feats = (emb * m).sum(1) / m.sum(1).clamp(min=1.0)
         return feats[image_to_sample]
 
@@ -234,7 +246,9 @@ class MedVLM(nn.Module):
 
     def splice(self, input_ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         """inputs_embeds [B, L, Dl] with the <image> positions of input_ids [B, L] replaced, in
-        order, by visual [N, Nv, Dl] (N images of the batch, ordered by sample)."""
+        order, by visual [N, Nv, Dl] (N images of the batch, ordered by sample). The result sits on
+        the LLM's input-embedding device (the first device of a dispatched LLM)."""
+        input_ids = input_ids.to(self.embed_device)
         embeds = embed_tokens(self.llm, input_ids)
         slots = input_ids == self.image_token_id
         n_slots, n_vis = int(slots.sum()), visual.shape[0] * visual.shape[1]
@@ -244,7 +258,7 @@ class MedVLM(nn.Module):
                 f"({visual.shape[0]} images x {visual.shape[1]}); build prompts with "
                 f"num_image_tokens=model.num_visual_tokens ({self.num_visual_tokens})"
             )
-        return embeds.masked_scatter(slots.unsqueeze(-1), visual.to(embeds.dtype))
+        return embeds.masked_scatter(slots.unsqueeze(-1), visual.to(device=embeds.device, dtype=embeds.dtype))
 
     # ----------------------------------------------------------------------------------------
     # forward and generation
@@ -273,7 +287,8 @@ class MedVLM(nn.Module):
             text = self.text_features(question_ids, question_mask, questions, image_to_sample)
         vis = self.encode_images(volumes, slices, slice_mask, slice_pos, slice_plane, text)
         embeds = self.splice(input_ids, vis.tokens)
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+        # A dispatched LLM's accelerate hooks carry the activations from layer to layer.
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask.to(embeds.device), labels=labels, use_cache=False)
         return MedVLMOutput(
             loss=out.loss,
             logits=out.logits,

@@ -129,6 +129,24 @@ def test_infer_api_matches_path_generation(env: dict) -> None:
     assert out["answer"] == ref.text
 
 
+def test_infer_device_map_matches_plain_load(env: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from medvlm3d.eval.infer import parse_device_map
+
+    assert parse_device_map(None) is None and parse_device_map("auto") == "auto" and parse_device_map("1") == 1
+    assert parse_device_map('{"": "cpu"}') == {"": "cpu"}
+    ask = ["infer", "--checkpoint", env["ckpt"], "--volume", env["nifti"], "--prompt", "Is there a lesion?",
+           "--max-new-tokens", 3]
+    assert _run([*ask, "--json", tmp_path / "plain.json"]) == 0
+    assert _run([*ask, "--device-map", "auto", "--json", tmp_path / "auto.json"]) == 0
+    plain, auto = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "auto"))
+    assert auto["answer"] == plain["answer"] and auto["slice_scores"] == plain["slice_scores"]
+    capsys.readouterr()
+    assert _run([*ask, "--device-map", "atuo"]) == 1
+    assert "device_map must be one of" in capsys.readouterr().err
+    assert _run([*ask, "--device-map", "{oops"]) == 1
+    assert "--device-map" in capsys.readouterr().err
+
+
 def test_infer_without_tgis_plots_vote_mi(env: dict, tmp_path: Path) -> None:
     cfg = load_config("tiny", [f"model.llm.tokenizer={env['root'] / 'tok'}", "model.variant=3d_only"])
     model = build_model(cfg)

@@ -119,3 +119,89 @@ def test_init_from_checkpoint_keeps_weights_and_adds_fresh_lora(trained: MedVLM,
     torch.testing.assert_close(nxt.encoder3d.state_dict(), trained.encoder3d.state_dict())
     assert any("lora_A" in n for n, _ in nxt.llm.named_parameters())
     assert not any(p.requires_grad for p in nxt.encoder3d.parameters())
+
+
+@pytest.mark.parametrize("device_map", ["auto", {"": "cpu"}], ids=["auto", "dict"])
+def test_device_map_load_gives_identical_logits_and_text(trained: MedVLM, phantom_records, tmp_path: Path, device_map) -> None:
+    ckpt.save_pretrained(trained, tmp_path / "ckpt")
+    plain = medvlm3d.load_pretrained(tmp_path / "ckpt")
+    mapped = medvlm3d.load_pretrained(tmp_path / "ckpt", device_map=device_map)
+    assert any("lora_A" in n for n, _ in mapped.llm.named_parameters())  # the adapter is loaded on top
+    assert mapped.device == mapped.embed_device == mapped.llm.get_input_embeddings().weight.device
+    assert {p.device for n, p in mapped.named_parameters() if not n.startswith("llm.")} == {mapped.embed_device}
+    batch = _batch(plain, phantom_records)
+    with torch.no_grad():
+        a, b = plain(**batch), mapped(**batch)
+    assert torch.equal(a.logits, b.logits)
+    assert torch.equal(a.scores, b.scores)
+    rec = phantom_records[0]
+    g1 = plain.generate(volume=rec["image"], prompt=rec["question"], max_new_tokens=8)
+    g2 = mapped.generate(volume=rec["image"], prompt=rec["question"], max_new_tokens=8)
+    assert g1.text == g2.text
+    torch.testing.assert_close(g1.scores, g2.scores)
+
+
+_NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("atuo", "device_map must be one of .*'auto'.*got 'atuo'"),
+        ([0, 1], "device_map must be one of .*got \\[0, 1\\]"),
+        ({}, "got an empty dict"),
+        pytest.param("cuda:0", "names a CUDA device but torch sees no CUDA GPU", marks=_NO_CUDA),
+    ],
+    ids=["typo", "list", "empty", "no-cuda"],
+)
+def test_bad_device_map_is_a_clear_error(trained: MedVLM, tmp_path: Path, bad, message: str) -> None:
+    ckpt.save_pretrained(trained, tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=message):
+        medvlm3d.load_pretrained(tmp_path / "ckpt", device_map=bad)
+
+
+def test_device_map_needs_llm_weights(tiny_cfg) -> None:
+    from medvlm3d.model.llm import build_llm, load_tokenizer
+
+    cfg = tiny_cfg()
+    with pytest.raises(ValueError, match="needs an LLM loaded from a folder"):
+        build_llm(cfg.model.llm, load_tokenizer(cfg.model.llm), device_map="auto")
+
+
+def test_device_map_with_accelerate_hooks(trained: MedVLM, phantom_records, tmp_path: Path, monkeypatch) -> None:
+    """A map that offloads layers (to the disk: the only second 'device' a CPU machine has) puts
+    accelerate's hooks on the LLM, as a multi-GPU map does: a merged checkpoint gives the same
+    logits; an adapter on an offloaded LLM is a clear error that says to merge it first."""
+    from medvlm3d.model import llm as llm_mod
+
+    original = llm_mod.AutoModelForCausalLM.from_pretrained
+
+    def with_offload_folder(*args, **kwargs):
+        return original(*args, offload_folder=str(tmp_path / "offload"), **kwargs)
+
+    monkeypatch.setattr(llm_mod.AutoModelForCausalLM, "from_pretrained", with_offload_folder)
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk"}
+    ckpt.save_pretrained(trained, tmp_path / "merged", merge_lora=True)
+    plain = medvlm3d.load_pretrained(tmp_path / "merged")
+    mapped = medvlm3d.load_pretrained(tmp_path / "merged", device_map=device_map)
+    assert hasattr(mapped.llm.model.layers[0], "_hf_hook") and mapped.llm.hf_device_map == device_map
+    batch = _batch(plain, phantom_records)
+    with torch.no_grad():
+        assert torch.equal(plain(**batch).logits, mapped(**batch).logits)
+    rec = phantom_records[0]
+    assert mapped.generate(volume=rec["image"], prompt=rec["question"], max_new_tokens=4).text == \
+        plain.generate(volume=rec["image"], prompt=rec["question"], max_new_tokens=4).text
+
+    ckpt.save_pretrained(trained, tmp_path / "adapter")
+    with pytest.raises(ValueError, match="offloads part of the LLM to cpu and disk.*merge-lora"):
+        medvlm3d.load_pretrained(tmp_path / "adapter", device_map=device_map)
+
+
+def test_reduced_precision_on_the_cpu_is_refused_clearly(tmp_path) -> None:
+    import torch
+
+    from medvlm3d.model.checkpoint import load_pretrained
+
+    with pytest.raises(ValueError, match="float32"):
+        load_pretrained(tmp_path, dtype=torch.bfloat16)
