@@ -12,7 +12,7 @@ A `--config` run builds an untrained model (a tokenizer trained on the phantom c
 it with `save_pretrained`, so loading is timed the same way as for a trained checkpoint.
 
 Prints: load time, and per study the median of load-volume, generate and total seconds, with the
-number of new tokens generated (untrained weights may stop early or run to the limit).
+number of tokens in the answer text (re-encoded; untrained weights may stop early or run to the limit).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def main() -> None:
     print(f"{'per study (median of ' + str(args.studies) + ')':<28}{'seconds':>10}")
     print(f"{'  read + preprocess':<28}{statistics.median(read):>10.3f}")
     print(f"{'  infer (read + generate)':<28}{statistics.median(total):>10.3f}")
-    print(f"{'  new tokens':<28}{statistics.median(new_tokens):>10.0f}")
+    print(f"{'  answer tokens (re-encoded)':<28}{statistics.median(new_tokens):>10.0f}")
 
 
 if __name__ == "__main__":
