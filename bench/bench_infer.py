@@ -67,6 +67,7 @@ def main() -> None:
         t0 = time.perf_counter()
         model = load_pretrained(ckpt)
         load_s = time.perf_counter() - t0
+        model.cfg.data.cache_dir = ""  # a training run's volume cache would hide the loader's cost
         n_params = sum(p.numel() for p in model.parameters())
         read, total, new_tokens = [], [], []
         for i, rec in enumerate(records[: args.studies + 1]):

@@ -81,6 +81,7 @@ def run_stages(
                 f"model.llm.tokenizer={tokenizer}",
                 f"train.output_dir={out / stage}",
                 f"train.init_from={prev}",
+                f"data.cache_dir={out / 'cache'}",  # preprocessed volumes, shared by the stages
                 *(STAGE_SETTINGS.get(stage, ()) if stage_settings else ()),
                 *overrides,
             ],
