@@ -16,7 +16,6 @@ of `loss.backward()` on one sample: volume [1,1,D,H,W], slices [1,S,1,h,w], a pr
     slice-full            ckpt + slice encoder trainable (model.trainable.slice_encoder=full)
     slice-full-ckpt       slice-full + slice-encoder checkpointing from the config
                           (model.slice_encoder.gradient_checkpointing=true: timm's set_grad_checkpointing)
-    slice-full-timm-ckpt  the same overrides (kept under its old name for earlier command lines)
 
 Printed per case: trainable parameters, the components in which some module has checkpointing
 switched on, median forward / backward / step seconds, peak RSS of the child
@@ -47,7 +46,6 @@ CASES: dict[str, dict[str, Any]] = {
     "no-ckpt": dict(overrides=[CKPT_OFF]),
     "slice-full": dict(overrides=[CKPT_ON, SLICE_FULL]),
     "slice-full-ckpt": dict(overrides=[CKPT_ON, SLICE_FULL, SLICE_CKPT]),
-    "slice-full-timm-ckpt": dict(overrides=[CKPT_ON, SLICE_FULL, SLICE_CKPT]),
 }
 DEFAULT = ["ckpt", "no-ckpt", "slice-full"]
 GIB = 2**30
