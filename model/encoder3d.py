@@ -182,7 +182,6 @@ class ResNetEncoder3D(nn.Module):
         d, h, w = self.grid
         return rearrange(flat, "b (c d h w) -> b (d h w) c", c=self.out_dim, d=d, h=h, w=w)
 
-
     def _checkpointed_net(self, volume: torch.Tensor) -> torch.Tensor:
         """MONAI `ResNet.forward` (monai 1.6) with layer1..layer4 checkpointed -> [B, C*d*h*w].
 

@@ -23,6 +23,24 @@ def _batch(model: MedVLM, records: list[dict]) -> dict:
     return Collator(model.tokenizer.pad_token_id)([ds[0], ds[1]])
 
 
+def _assert_same_answers(a: MedVLM, b: MedVLM, records: list[dict], exact: bool = True) -> None:
+    """Same logits (bit for bit, or to 1e-5) and TG-IS scores on a batch, and the same generated text."""
+    batch = _batch(a, records)
+    with torch.no_grad():
+        out_a, out_b = a(**batch), b(**batch)
+    if exact:
+        assert torch.equal(out_a.logits, out_b.logits)
+    else:
+        torch.testing.assert_close(out_a.logits, out_b.logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out_a.scores, out_b.scores)
+    rec = records[0]
+    g1 = a.generate(volume=rec["image"], prompt=rec["question"], max_new_tokens=8)
+    g2 = b.generate(volume=rec["image"], prompt=rec["question"], max_new_tokens=8)
+    assert g1.text == g2.text
+    torch.testing.assert_close(g1.scores, g2.scores)
+    assert g1.scores.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_tokenizer_dir: Path) -> MedVLM:
     """A tiny model whose LoRA B matrices and heads are non-zero (as after training), built
@@ -46,20 +64,7 @@ def test_round_trip_gives_identical_logits_and_text(trained: MedVLM, phantom_rec
     assert {"config.yaml", "model.safetensors", "tokenizer", "llm", "checkpoint.json"} <= set(names)
     assert ("adapter" in names) != merge
     loaded = medvlm3d.load_pretrained(tmp_path / "ckpt")
-    batch = _batch(trained, phantom_records)
-    with torch.no_grad():
-        a, b = trained(**batch), loaded(**batch)
-    if merge:
-        torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
-    else:
-        assert torch.equal(a.logits, b.logits)
-    assert torch.equal(a.scores, b.scores)
-    rec = phantom_records[0]
-    g1 = trained.generate(volume=rec["image"], prompt=rec["question"], max_new_tokens=8)
-    g2 = loaded.generate(volume=rec["image"], prompt=rec["question"], max_new_tokens=8)
-    assert g1.text == g2.text
-    torch.testing.assert_close(g1.scores, g2.scores)
-    assert g1.scores.sum().item() == pytest.approx(1.0, abs=1e-5)
+    _assert_same_answers(trained, loaded, phantom_records, exact=not merge)
 
 
 def test_merged_llm_loads_with_plain_transformers(trained: MedVLM, tmp_path: Path) -> None:
@@ -129,16 +134,7 @@ def test_device_map_load_gives_identical_logits_and_text(trained: MedVLM, phanto
     assert any("lora_A" in n for n, _ in mapped.llm.named_parameters())  # the adapter is loaded on top
     assert mapped.device == mapped.embed_device == mapped.llm.get_input_embeddings().weight.device
     assert {p.device for n, p in mapped.named_parameters() if not n.startswith("llm.")} == {mapped.embed_device}
-    batch = _batch(plain, phantom_records)
-    with torch.no_grad():
-        a, b = plain(**batch), mapped(**batch)
-    assert torch.equal(a.logits, b.logits)
-    assert torch.equal(a.scores, b.scores)
-    rec = phantom_records[0]
-    g1 = plain.generate(volume=rec["image"], prompt=rec["question"], max_new_tokens=8)
-    g2 = mapped.generate(volume=rec["image"], prompt=rec["question"], max_new_tokens=8)
-    assert g1.text == g2.text
-    torch.testing.assert_close(g1.scores, g2.scores)
+    _assert_same_answers(plain, mapped, phantom_records)
 
 
 _NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -186,12 +182,7 @@ def test_device_map_with_accelerate_hooks(trained: MedVLM, phantom_records, tmp_
     plain = medvlm3d.load_pretrained(tmp_path / "merged")
     mapped = medvlm3d.load_pretrained(tmp_path / "merged", device_map=device_map)
     assert hasattr(mapped.llm.model.layers[0], "_hf_hook") and mapped.llm.hf_device_map == device_map
-    batch = _batch(plain, phantom_records)
-    with torch.no_grad():
-        assert torch.equal(plain(**batch).logits, mapped(**batch).logits)
-    rec = phantom_records[0]
-    assert mapped.generate(volume=rec["image"], prompt=rec["question"], max_new_tokens=4).text == \
-        plain.generate(volume=rec["image"], prompt=rec["question"], max_new_tokens=4).text
+    _assert_same_answers(plain, mapped, phantom_records)
 
     ckpt.save_pretrained(trained, tmp_path / "adapter")
     with pytest.raises(ValueError, match="offloads part of the LLM to cpu and disk.*merge-lora"):
