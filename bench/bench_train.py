@@ -73,14 +73,12 @@ class TimedIterator:
 
 
 def make_phantoms(root: Path, n_train: int) -> tuple[Path, Path]:
-    """Phantom train manifest (seed 0) and a tokenizer trained on its corpus (as train/demo.py)."""
-    from medvlm3d.data.readers import read_records
-    from medvlm3d.data.synthetic import corpus_texts, make_dataset
-    from medvlm3d.data.tokenizer import train_tokenizer
+    """Phantom train manifest (seed 0) and a tokenizer trained on its corpus: the demo's own
+    `make_data` (with a one-study test split, unused here)."""
+    from medvlm3d.train.demo import make_data
 
-    manifest = make_dataset(root / "data" / "train", n_train, seed=0)
-    train_tokenizer(corpus_texts(read_records(manifest)), root / "tokenizer", vocab_size=1000)
-    return Path(manifest), root / "tokenizer"
+    manifest, _, tok = make_data(root, n_train, 1)
+    return Path(manifest), tok
 
 
 def fill_cache(overrides: list[str]) -> tuple[int, float, int]:
