@@ -58,6 +58,9 @@ class DataConfig:
     crop_foreground: bool = False
     augment: bool = False
     shuffle_choices: bool = False  # training: re-permute closed choices per draw (data/prompts.py)
+    # stage0_text: "report" puts each VQA question after its study's report, where the image goes
+    # in later stages, so the text-only LLM learns to answer from evidence, not from priors
+    text_context: str = "none"
     cache_dir: str = ""
     max_voxels: int = 1024 * 1024 * 1024
     oversize: str = "downsample"  # downsample | refuse
@@ -71,6 +74,7 @@ class DataConfig:
         _check_choice("data.vqa_mode", self.vqa_mode, ("closed", "open"))
         _check_choice("data.ct_rate_target", self.ct_rate_target, ("findings", "findings_impressions"))
         _check_choice("data.modality", self.modality, ("auto", "ct", "mri"))
+        _check_choice("data.text_context", self.text_context, ("none", "report"))
         _check_choice("data.oversize", self.oversize, ("downsample", "refuse"))
         _check_positive("data.size", self.size, 3)
         _check_positive("data.slice_size", self.slice_size, 2)
@@ -183,6 +187,9 @@ class ProjectorConfig:
     pool3d: tuple[int, int, int] = (1, 2, 2)  # kernel on the 3D token grid
     depth: int = 2  # MLP layers
     hidden_size: int = 0  # 0 = the LLM width
+    # LayerNorm on the projected tokens, its gain started at the RMS of the LLM's input embeddings,
+    # so visual tokens enter the LLM at the scale of its text tokens
+    out_norm: bool = False
 
 
 @dataclass
@@ -276,6 +283,7 @@ class TrainConfig:
     distill_schedule: str = "constant"  # constant | linear_decay
     slice_loss_weight: float = 0.0
     contrastive_temperature: float = 0.07
+    contrastive_pool: str = "mean"  # mean | max: how stage0_clip pools tokens (and slices) per image
     save_every: int = 0
     keep_last: int = 2
     log_every: int = 10
@@ -288,6 +296,7 @@ class TrainConfig:
         )
         _check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _check_choice("train.distill_schedule", self.distill_schedule, ("constant", "linear_decay"))
+        _check_choice("train.contrastive_pool", self.contrastive_pool, ("mean", "max"))
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
 

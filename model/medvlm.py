@@ -100,6 +100,8 @@ class MedVLM(nn.Module):
         probe = torch.zeros(1, 1, dtype=torch.long, device=self.embed_device)
         width = int(embed_tokens(self.llm, probe).shape[-1])
         self.width = width
+        with torch.no_grad():  # projector.out_norm starts visual tokens at the text tokens' scale
+            embed_rms = float(self.llm.get_input_embeddings().weight.float().pow(2).mean().sqrt())
 
         uses_3d = self.variant in ("2e3", "2e3_interslice", "3d_only")
         uses_2d = self.variant in ("2e3", "2e3_interslice", "2d_only")
@@ -110,12 +112,13 @@ class MedVLM(nn.Module):
             self.encoder3d = build_encoder3d(mc.encoder3d)
             if load_external_weights and mc.encoder3d.weights:
                 load_encoder3d_weights(self.encoder3d, mc.encoder3d.weights, mc.encoder3d.weights_key_map)
-            self.projector3d = Projector3D(mc.projector, self.encoder3d.out_dim, self.encoder3d.grid, width)
+            self.projector3d = Projector3D(mc.projector, self.encoder3d.out_dim, self.encoder3d.grid, width,
+                                           out_scale=embed_rms)
         if uses_2d:
             self.slice_encoder = SliceEncoder(mc.slice_encoder, tuple(cfg.data.slice_size), load_weights=load_external_weights)
             if self.variant == "2e3_interslice":
                 self.inter_slice = InterSlice(mc.inter_slice, self.slice_encoder.out_dim)
-            self.projector2d = Projector2D(mc.projector, self.slice_encoder.out_dim, width)
+            self.projector2d = Projector2D(mc.projector, self.slice_encoder.out_dim, width, out_scale=embed_rms)
         if self.variant in ("2e3", "2e3_interslice"):
             text_dim = width
             if mc.tgis.text_source == "hf":

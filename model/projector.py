@@ -6,6 +6,8 @@
 
 The MLP is `depth` Linear layers with GELU between them (hidden width `hidden_size`, or
 `out_dim` when 0); with depth 2 it is LLaVA's `mlp2x_gelu` (same `0.` / `2.` parameter names).
+With `out_norm` a LayerNorm follows the MLP; its gain starts at `out_scale` (MedVLM passes the RMS
+of the LLM's input embeddings), so visual tokens enter the LLM at the scale of its text tokens.
 Tokens stay in row-major (d, h, w) order. `projected_grid(grid, pool)` gives the pooled grid,
 so token counts can be computed without building a module.
 """
@@ -46,13 +48,26 @@ def build_mlp(in_dim: int, out_dim: int, depth: int, hidden: int = 0) -> nn.Sequ
     return nn.Sequential(*layers)
 
 
+def build_out_norm(enabled: bool, dim: int, scale: float) -> nn.Module:
+    """LayerNorm(dim) with its gain filled with `scale` when `enabled`, else Identity."""
+    if not enabled:
+        return nn.Identity()
+    if not scale > 0:
+        raise ValueError(f"projector out_norm needs a positive out_scale, got {scale}")
+    norm = nn.LayerNorm(dim)
+    with torch.no_grad():
+        norm.weight.fill_(float(scale))
+    return norm
+
+
 class Projector3D(nn.Module):
     """3D tokens [B, d*h*w, in_dim] -> pooled, projected tokens [B, num_tokens, out_dim].
 
     Attributes: `grid` (input), `out_grid` (after pooling), `num_tokens` (= prod(out_grid)).
     """
 
-    def __init__(self, cfg: ProjectorConfig, in_dim: int, grid: tuple[int, int, int], out_dim: int) -> None:
+    def __init__(self, cfg: ProjectorConfig, in_dim: int, grid: tuple[int, int, int], out_dim: int,
+                 out_scale: float = 1.0) -> None:
         super().__init__()
         self.out_grid = projected_grid(grid, cfg.pool3d)
         self.grid = tuple(int(g) for g in grid)
@@ -60,6 +75,7 @@ class Projector3D(nn.Module):
         self.num_tokens = self.out_grid[0] * self.out_grid[1] * self.out_grid[2]
         self.pool = nn.AvgPool3d(self.pool3d) if self.pool3d != (1, 1, 1) else None
         self.mlp = build_mlp(in_dim, out_dim, cfg.depth, cfg.hidden_size)
+        self.norm = build_out_norm(cfg.out_norm, out_dim, out_scale)
         self.in_dim, self.out_dim = in_dim, out_dim
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -71,19 +87,20 @@ class Projector3D(nn.Module):
         if self.pool is not None:
             x = rearrange(tokens, "b (d h w) c -> b c d h w", d=d, h=h, w=w)
             tokens = rearrange(self.pool(x), "b c d h w -> b (d h w) c")
-        return self.mlp(tokens)
+        return self.norm(self.mlp(tokens))
 
 
 class Projector2D(nn.Module):
     """Slice tokens [..., in_dim] -> [..., out_dim] (e.g. [B, S, T, D2] -> [B, S, T, Dl])."""
 
-    def __init__(self, cfg: ProjectorConfig, in_dim: int, out_dim: int) -> None:
+    def __init__(self, cfg: ProjectorConfig, in_dim: int, out_dim: int, out_scale: float = 1.0) -> None:
         super().__init__()
         self.mlp = build_mlp(in_dim, out_dim, cfg.depth, cfg.hidden_size)
+        self.norm = build_out_norm(cfg.out_norm, out_dim, out_scale)
         self.in_dim, self.out_dim = in_dim, out_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_dim] -> [..., out_dim]."""
         if x.shape[-1] != self.in_dim:
             raise ValueError(f"Projector2D expected last dim {self.in_dim}, got {list(x.shape)}")
-        return self.mlp(x)
+        return self.norm(self.mlp(x))

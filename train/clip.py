@@ -6,13 +6,15 @@
     text:    targets (B report strings) -> vlm.tokenizer -> ids [B, Lt], mask [B, Lt]
              -> Embedding(len(tokenizer), Wt) + learned positions [Lt, Wt]
              -> 2-layer pre-norm TransformerEncoder -> LayerNorm -> masked mean -> Linear -> [B, E]
-    volume:  encoder3d(volumes [N,1,D,H,W]) -> [N, N3, D3] -> mean over tokens -> Linear -> [N, E]
+    volume:  encoder3d(volumes [N,1,D,H,W]) -> [N, N3, D3] -> pool over tokens -> Linear -> [N, E]
     slices:  slice_encoder(slices [N,S,1,h,w], slice_mask [N,S]) -> [N, S, T, D2]
-             -> mean over T and over the real slices -> Linear -> [N, E]
+             -> pool over T and over the real slices -> Linear -> [N, E]
+    pool:    `train.contrastive_pool`: "mean", or "max" (per feature; a finding on a few slices
+             or one patch is not averaged away by the rest of the volume)
     images -> samples: the mean of each sample's images (image_to_sample [N]) -> [B, E]
     loss = InfoNCE(volume, text) + InfoNCE(slices, text)   (symmetric, `train.losses.contrastive_loss`)
 
-Decisions (no config field is added for this stage):
+Decisions:
 - Text: the report strings `batch["targets"]` are tokenised with `vlm.tokenizer` (no special
   tokens, right-padded, cut at `cfg.data.max_text_len`), so the text tower sees the clean
   report, independent of the chat template, image tokens and label masking of the LM stages.
@@ -156,15 +158,20 @@ class ContrastiveModel(nn.Module):
 
     def encode_volumes(self, volumes: torch.Tensor, image_to_sample: torch.Tensor, n_samples: int) -> torch.Tensor:
         """volumes [N,1,D,H,W] -> [n_samples, E] (mean of each sample's images)."""
-        pooled = reduce(self.vlm.encoder3d(volumes), "n t d -> n d", "mean")
+        pooled = reduce(self.vlm.encoder3d(volumes), "n t d -> n d", self.cfg.train.contrastive_pool)
         return _sample_mean(self.clip_head.volume_proj(pooled), image_to_sample, n_samples)
 
     def encode_slices(self, slices: torch.Tensor, slice_mask: torch.Tensor, image_to_sample: torch.Tensor,
                       n_samples: int) -> torch.Tensor:
-        """slices [N,S,1,h,w], slice_mask [N,S] -> [n_samples, E] (mean over tokens, real slices, images)."""
-        per_slice = reduce(self.vlm.slice_encoder(slices, slice_mask), "n s t d -> n s d", "mean")
-        m = slice_mask.to(per_slice.dtype).unsqueeze(-1)
-        pooled = (per_slice * m).sum(1) / m.sum(1).clamp(min=1.0)
+        """slices [N,S,1,h,w], slice_mask [N,S] -> [n_samples, E] (pooled over tokens and real
+        slices, then the mean of each sample's images)."""
+        pool = self.cfg.train.contrastive_pool
+        per_slice = reduce(self.vlm.slice_encoder(slices, slice_mask), "n s t d -> n s d", pool)
+        if pool == "max":
+            pooled = per_slice.masked_fill(~slice_mask.unsqueeze(-1), float("-inf")).amax(dim=1)
+        else:
+            m = slice_mask.to(per_slice.dtype).unsqueeze(-1)
+            pooled = (per_slice * m).sum(1) / m.sum(1).clamp(min=1.0)
         return _sample_mean(self.clip_head.slice_proj(pooled), image_to_sample, n_samples)
 
     def embed(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

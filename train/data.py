@@ -1,14 +1,17 @@
 """Training data for every stage: records, datasets, a deterministic epoch sampler, loaders.
 
     read_train_records(cfg) -> list[dict]          cfg.data.train via data.read_records_report
-    TextDataset(records, tokenizer, max_len, task, vqa_mode, shuffle)[i] -> {input_ids, attention_mask, labels} [L]
+    TextDataset(records, tokenizer, max_len, task, vqa_mode, shuffle, context)[i] -> {input_ids, attention_mask, labels} [L]
     TextCollator(pad_token_id)(samples) -> {input_ids [B,L], attention_mask [B,L], labels [B,L] (-100 = pad)}
     EpochSampler(n, seed): a permutation of range(n) that depends only on (seed, epoch)
     build_train_data(cfg, tokenizer, num_visual_tokens) -> (dataset, collate_fn)
     make_loader(dataset, collate_fn, cfg) -> (DataLoader, EpochSampler)
 
 Stages: `stage0_text` reads each record as plain LM text (the question and its target rendered by
-the tokenizer's chat template without any image, every token supervised); `stage0_clip` uses the
+the tokenizer's chat template without any image, every token supervised; with
+`data.text_context: report` a VQA question comes after its study's report, in the place the image
+takes in later stages: the LLM learns to answer from what precedes the question, as a pretrained
+LLM answers from a given text, which stage 1 then teaches the projectors to feed); `stage0_clip` uses the
 report records only, as `StudyDataset` samples (volumes, slices, report text); `stage1_align` and
 `stage2_finetune` use every record as `StudyDataset` samples (data/collate.py gives the batch).
 
@@ -98,16 +101,32 @@ def record_task(rec: dict[str, Any], task: str, vqa_mode: str) -> str:
     return task
 
 
+def _image_key(rec: dict[str, Any]) -> str:
+    image = rec.get("image")
+    return "\n".join(map(str, image)) if isinstance(image, (list, tuple)) else str(image)
+
+
 class TextDataset(Dataset):
     """Records as plain causal-LM text: chat-rendered question + target, no image, all tokens
-    supervised (truncated to `max_len`)."""
+    supervised (truncated to `max_len`). `context="report"`: a VQA record's question is preceded
+    by the answer of the report record of the same image ("<report>\n<question>")."""
 
     def __init__(self, records: Sequence[dict[str, Any]], tokenizer: Any, max_len: int,
-                 task: str = "", vqa_mode: str = "closed", shuffle: bool = False) -> None:
+                 task: str = "", vqa_mode: str = "closed", shuffle: bool = False, context: str = "none") -> None:
         if max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {max_len}")
+        if context not in ("none", "report"):
+            raise ValueError(f"context must be 'none' or 'report', got {context!r}")
         self.records, self.tokenizer, self.max_len = list(records), tokenizer, int(max_len)
         self.task, self.vqa_mode, self.shuffle = task, vqa_mode, bool(shuffle)
+        self.reports: dict[str, str] = {}
+        if context == "report":
+            self.reports = {_image_key(r): str(r["answer"]) for r in self.records if r.get("task") == "report"}
+            orphans = [r.get("id", i) for i, r in enumerate(self.records)
+                       if r.get("task") == "vqa" and _image_key(r) not in self.reports]
+            if orphans:
+                raise DataError(f"data.text_context=report: {len(orphans)} VQA record(s) have no report record "
+                                f"for the same image, e.g. {orphans[:3]}")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -115,6 +134,8 @@ class TextDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         rec = shuffle_choices(self.records[i]) if self.shuffle else self.records[i]
         question, target = format_record(rec, record_task(rec, self.task, self.vqa_mode))
+        if self.reports and rec.get("task") == "vqa":
+            question = f"{self.reports[_image_key(rec)]}\n{question}"
         # Tokenized exactly as stages 1-2 and generation do (prompt, then target + eos), only with
         # no image: a jointly tokenized "assistant: B. no" would merge the space into "ĠB" and teach
         # a token sequence that generation, whose prompt ends in "assistant: ", never produces.
@@ -152,7 +173,7 @@ def build_train_data(cfg: RunConfig, tokenizer: Any, num_visual_tokens: int) -> 
     stage = cfg.train.stage
     if stage == "stage0_text":
         return (TextDataset(records, tokenizer, cfg.data.max_text_len, cfg.data.task, cfg.data.vqa_mode,
-                            shuffle=cfg.data.shuffle_choices),
+                            shuffle=cfg.data.shuffle_choices, context=cfg.data.text_context),
                 TextCollator(tokenizer.pad_token_id))
     if stage == "stage0_clip":
         records = [r for r in records if r.get("task") == "report"]

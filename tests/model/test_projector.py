@@ -62,3 +62,18 @@ def test_projector2d_any_leading_dims():
         proj(torch.rand(2, 3, 4, 7))
     with pytest.raises(ValueError, match="hidden_size >= 0"):
         Projector2D(ProjectorConfig(hidden_size=-1), 8, 16)
+
+
+@pytest.mark.parametrize("cls_args", [(Projector3D, ((2, 4, 4),)), (Projector2D, ())])
+def test_out_norm_starts_tokens_at_the_given_scale(cls_args):
+    cls, extra = cls_args
+    cfg = ProjectorConfig(out_norm=True)
+    proj = cls(cfg, 8, *extra, 16, out_scale=0.03)
+    x = torch.randn(2, 32, 8) * 50  # raw encoder features far from the text scale
+    rms = proj(x).pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(rms, torch.full_like(rms, 0.03), rtol=1e-3, atol=1e-5)
+    assert {"norm.weight", "norm.bias"} <= set(proj.state_dict())
+    plain = cls(ProjectorConfig(), 8, *extra, 16, out_scale=0.03)
+    assert not any(k.startswith("norm.") for k in plain.state_dict())  # off: no parameters, old checkpoints load
+    with pytest.raises(ValueError, match="positive out_scale"):
+        cls(cfg, 8, *extra, 16, out_scale=0.0)

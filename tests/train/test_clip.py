@@ -100,6 +100,22 @@ def test_bad_arguments(setup) -> None:
         retrieval_accuracy(model, [_batch(setup, [0])])
 
 
+def test_max_pool_ignores_padded_slices_and_bad_pool_is_refused(setup) -> None:
+    model = _model(setup, ("train.contrastive_pool=max",)).eval()
+    batch = _batch(setup, [0, 1, 2])
+    padded = dict(batch, slices=batch["slices"].clone(), slice_mask=batch["slice_mask"].clone())
+    padded["slice_mask"][:, -3:] = False
+    with torch.no_grad():
+        ref = model.embed(padded)["slices"]
+        padded["slices"][:, -3:] = 1e3  # what sits in padded slots must not reach the embedding
+        again = model.embed(padded)["slices"]
+        full = model.embed(batch)["slices"]
+    torch.testing.assert_close(again, ref)
+    assert not torch.allclose(full, ref)  # the real slices do count
+    with pytest.raises(ValueError, match="contrastive_pool"):
+        load_config("tiny", layers=["stage0_clip"], overrides=("train.contrastive_pool=sum",))
+
+
 def test_several_images_per_sample_are_averaged(setup) -> None:
     model = _model(setup).eval()
     three = _batch(setup, [0, 1, 2])

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from medvlm3d.data.config import load_config
+from medvlm3d.data.errors import DataError
 from medvlm3d.data.readers import read_records, write_manifest
 from medvlm3d.train import loop as loop_mod
 from medvlm3d.train.checkpointing import MARKER, latest_complete, read_progress
@@ -102,6 +103,34 @@ def test_text_dataset_supervises_every_token_and_pads_with_ignore(phantom) -> No
         TextDataset([], tok, max_len=1)
     with pytest.raises(ValueError, match="pad_token_id"):
         TextCollator(-1)
+
+
+def test_text_context_puts_the_study_report_before_each_question(phantom) -> None:
+    from medvlm3d.model.llm import load_tokenizer
+
+    cfg = tiny(phantom, Path("unused"), "stage0_text")
+    tok = load_tokenizer(cfg.model.llm)
+    records = read_records(phantom["four"])
+    plain = TextDataset(records, tok, max_len=512)
+    ctx = TextDataset(records, tok, max_len=512, context="report")
+    reports = {r["image"]: r["answer"] for r in records if r["task"] == "report"}
+    for i, rec in enumerate(records):
+        text = tok.decode(ctx[i]["input_ids"].tolist(), skip_special_tokens=True)
+        if rec["task"] == "report":
+            assert torch.equal(ctx[i]["input_ids"], plain[i]["input_ids"])  # a report gets no context
+            continue
+        own = reports[rec["image"]]
+        others = [r for img, r in reports.items() if img != rec["image"] and r != own]
+        assert own in text and text.index(own) < text.index(rec["question"])
+        assert not any(o in text for o in others)
+        assert len(ctx[i]["input_ids"]) > len(plain[i]["input_ids"])
+    orphan = [r for r in records if r["task"] == "vqa"][:1]
+    with pytest.raises(DataError, match="no report record for the same image"):
+        TextDataset(orphan, tok, max_len=512, context="report")
+    with pytest.raises(ValueError, match="context must be"):
+        TextDataset(records, tok, max_len=512, context="notes")
+    with pytest.raises(ValueError, match="text_context"):
+        tiny(phantom, Path("unused"), "stage0_text", "all", "data.text_context=notes")
 
 
 def test_param_groups_use_per_component_lrs(phantom) -> None:
