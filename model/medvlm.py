@@ -100,8 +100,11 @@ class MedVLM(nn.Module):
         probe = torch.zeros(1, 1, dtype=torch.long, device=self.embed_device)
         width = int(embed_tokens(self.llm, probe).shape[-1])
         self.width = width
-        with torch.no_grad():  # projector.out_norm starts visual tokens at the text tokens' scale
-            embed_rms = float(self.llm.get_input_embeddings().weight.float().pow(2).mean().sqrt())
+        embed_rms = 1.0  # projector.out_norm starts visual tokens at the text tokens' scale
+        table = self.llm.get_input_embeddings().weight
+        if mc.projector.out_norm and not table.is_meta:  # meta: a size estimate, no values to read
+            with torch.no_grad():
+                embed_rms = float(table.float().pow(2).mean().sqrt())
 
         uses_3d = self.variant in ("2e3", "2e3_interslice", "3d_only")
         uses_2d = self.variant in ("2e3", "2e3_interslice", "2d_only")

@@ -155,3 +155,18 @@ def test_bad_arguments(tiny_cfg, model: MedVLM, phantom_records: list[dict]) -> 
     batch["image_to_sample"] = torch.tensor([1, 0])
     with pytest.raises(ValueError, match="ordered by sample"):
         model(**batch)
+
+
+def test_out_norm_starts_visual_tokens_at_the_text_embedding_scale(tiny_cfg, phantom_records: list[dict]) -> None:
+    torch.manual_seed(0)
+    m = build_model(tiny_cfg("model.projector.out_norm=true")).eval()
+    b = batch_for(m, phantom_records, n=2)
+    with torch.no_grad():
+        text = m.text_features(b["question_ids"], b["question_mask"], None, b["image_to_sample"])
+        v = m.encode_images(b["volumes"], b["slices"], b["slice_mask"], b["slice_pos"], b["slice_plane"], text)
+    embed_rms = m.llm.get_input_embeddings().weight.pow(2).mean().sqrt()
+    n3 = m.projector3d.num_tokens
+    rms3d = v.tokens[:, :n3].pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(rms3d, torch.full_like(rms3d, float(embed_rms)), rtol=1e-3, atol=1e-6)
+    z2d = v.tokens[:, n3:].pow(2).mean(-1).sqrt()  # a TG-IS-weighted sum of normalised tokens: at most that
+    assert bool((z2d <= embed_rms * 1.001).all()) and bool((z2d > 0).all())
