@@ -101,11 +101,6 @@ def record_task(rec: dict[str, Any], task: str, vqa_mode: str) -> str:
     return task
 
 
-def _image_key(rec: dict[str, Any]) -> str:
-    image = rec.get("image")
-    return "\n".join(map(str, image)) if isinstance(image, (list, tuple)) else str(image)
-
-
 class TextDataset(Dataset):
     """Records as plain causal-LM text: chat-rendered question + target, no image, all tokens
     supervised (truncated to `max_len`). `context="report"`: a VQA record's question is preceded
@@ -121,9 +116,9 @@ class TextDataset(Dataset):
         self.task, self.vqa_mode, self.shuffle = task, vqa_mode, bool(shuffle)
         self.reports: dict[str, str] = {}
         if context == "report":
-            self.reports = {_image_key(r): str(r["answer"]) for r in self.records if r.get("task") == "report"}
+            self.reports = {str(r["image"]): str(r["answer"]) for r in self.records if r.get("task") == "report"}
             orphans = [r.get("id", i) for i, r in enumerate(self.records)
-                       if r.get("task") == "vqa" and _image_key(r) not in self.reports]
+                       if r.get("task") == "vqa" and str(r["image"]) not in self.reports]
             if orphans:
                 raise DataError(f"data.text_context=report: {len(orphans)} VQA record(s) have no report record "
                                 f"for the same image, e.g. {orphans[:3]}")
@@ -135,7 +130,7 @@ class TextDataset(Dataset):
         rec = shuffle_choices(self.records[i]) if self.shuffle else self.records[i]
         question, target = format_record(rec, record_task(rec, self.task, self.vqa_mode))
         if self.reports and rec.get("task") == "vqa":
-            question = f"{self.reports[_image_key(rec)]}\n{question}"
+            question = f"{self.reports[str(rec['image'])]}\n{question}"
         # Tokenized exactly as stages 1-2 and generation do (prompt, then target + eos), only with
         # no image: a jointly tokenized "assistant: B. no" would merge the space into "ĠB" and teach
         # a token sequence that generation, whose prompt ends in "assistant: ", never produces.
