@@ -154,6 +154,7 @@ class TGISConfig:
     top_k: int = 0  # 0 = soft weighting over all slices
     text_source: str = "llm"  # llm | hf
     text_encoder: str = ""  # local HF folder when text_source == "hf"
+    pos_embed: bool = False  # add a learned slice-position (and plane) embedding to each slice's tokens
 
     def __post_init__(self) -> None:
         if self.tau <= 0:

@@ -9,6 +9,12 @@ along the slice's plane axis equals `floor(slice_pos_j * grid[axis])`. Then
     s        = softmax over the real slices            [B, S]  (padded slices exactly 0)
     z2d      = sum_j s_j v_j                           [B, T, D]
 
+With `cfg.pos_embed`, each slice's tokens first get a learned embedding of where the slice lies,
+v_j <- v_j + P(sinusoid(slice_pos_j)) + E(plane_j), before the descriptors and the fusion: the
+scores can then follow "the lesion in the upper part", and z2d says where the weighted slices
+lie (a score-weighted sum of tokens otherwise forgets it). P starts at zero, so a new head
+scores and fuses exactly as one without it.
+
 With `cfg.top_k > 0` only the k highest-scoring real slices keep mass (a softmax renormalised
 over those); the others are exactly 0, and gradients still flow through the kept logits.
 
@@ -31,10 +37,14 @@ from einops import rearrange, reduce
 from torch import nn
 
 from medvlm3d.data.config import PLANES, TGISConfig
+from medvlm3d.model.inter_slice import sinusoid
 
 log = logging.getLogger(__name__)
 
 Grid = tuple[int, int, int]
+# slice_pos in (0, 1) is scaled by this before the sinusoid, so its fastest frequency turns
+# about once per 1/100 of the axis (a slice of a 100-slice series).
+POS_SCALE = 100.0
 
 
 @dataclass
@@ -116,7 +126,8 @@ def slice_descriptors(
 
 
 class TGIS(nn.Module):
-    """Text-guided inter-slice scores and fusion. Its only parameters are `text_proj`."""
+    """Text-guided inter-slice scores and fusion. Parameters: `text_proj`, and with
+    `cfg.pos_embed` the slice-position map `pos_proj` (zero-initialised) and `plane_embed`."""
 
     def __init__(self, cfg: TGISConfig, dim: int, text_dim: int) -> None:
         super().__init__()
@@ -132,6 +143,21 @@ class TGIS(nn.Module):
         self.tau = float(cfg.tau)
         self.top_k = int(cfg.top_k)
         self.text_proj = nn.Linear(text_dim, dim)
+        self.pos_proj: nn.Linear | None = None
+        self.plane_embed: nn.Embedding | None = None
+        if cfg.pos_embed:
+            self.pos_proj = nn.Linear(dim, dim)
+            nn.init.zeros_(self.pos_proj.weight)
+            nn.init.zeros_(self.pos_proj.bias)
+            self.plane_embed = nn.Embedding(len(PLANES), dim)
+            nn.init.zeros_(self.plane_embed.weight)
+
+    def position_embedding(self, slice_pos: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
+        """slice_pos [B, S] in (0, 1), plane [B, S] long -> [B, S, D] (zeros without pos_embed)."""
+        if self.pos_proj is None or self.plane_embed is None:
+            return slice_pos.new_zeros(*slice_pos.shape, self.dim)
+        pe = sinusoid(slice_pos * POS_SCALE, self.dim).to(self.pos_proj.weight.dtype)
+        return self.pos_proj(pe) + self.plane_embed(plane)
 
     def _check(
         self,
@@ -179,6 +205,9 @@ class TGIS(nn.Module):
         grid = tuple(int(g) for g in grid)  # type: ignore[assignment]
         self._check(x3d, grid, v, text, slice_pos, slice_plane, mask)
         plane = torch.where(mask, slice_plane.long(), torch.zeros_like(slice_plane, dtype=torch.long))
+        if self.pos_proj is not None:
+            pe = self.position_embedding(slice_pos, plane) * mask.unsqueeze(-1)  # [B, S, D], 0 on padding
+            v = v + pe.unsqueeze(2).to(v.dtype)
         z = slice_descriptors(x3d, grid, v, slice_pos, plane)  # [B, S, D]
         t = self.text_proj(text.to(self.text_proj.weight.dtype))  # [B, D]
         logits = torch.einsum("bsd,bd->bs", z.float(), t.float()) / self.tau

@@ -189,3 +189,54 @@ def test_padded_plane_values_are_ignored() -> None:
     plane[~inp["mask"]] = 7  # garbage on padding only
     out2 = make_tgis()(**{**inp, "slice_plane": plane})
     torch.testing.assert_close(out.scores, out2.scores)
+
+
+def test_pos_embed_starts_as_identity() -> None:
+    # pos_proj and plane_embed start at zero: the same scores and z2d as a head without them
+    inp = make_inputs(3)
+    plain, with_pos = make_tgis(), make_tgis(pos_embed=True)
+    assert with_pos.pos_proj is not None and plain.pos_proj is None
+    a, b = plain(**inp), with_pos(**inp)
+    torch.testing.assert_close(a.scores, b.scores)
+    torch.testing.assert_close(a.z2d, b.z2d)
+
+
+def test_pos_embed_adds_score_weighted_position() -> None:
+    # identical slices: without a position embedding z2d cannot say where the mass lies; with one,
+    # z2d = v + sum_j s_j pe_j, and moving the slices moves z2d (padding gets no embedding)
+    inp = make_inputs(4)
+    inp["v"] = inp["v"][:, :1].expand(-1, S, -1, -1) * inp["mask"][..., None, None]
+    tg = make_tgis(pos_embed=True)
+    with torch.no_grad():
+        torch.nn.init.normal_(tg.pos_proj.weight)
+        torch.nn.init.normal_(tg.plane_embed.weight)
+    out = tg(**inp)
+    plane = torch.where(inp["mask"], inp["slice_plane"], torch.zeros_like(inp["slice_plane"]))
+    pe = tg.position_embedding(inp["slice_pos"], plane) * inp["mask"][..., None]
+    want = inp["v"][:, 0] + torch.einsum("bs,bsd->bd", out.scores, pe)[:, None, :]
+    torch.testing.assert_close(out.z2d, want)
+    moved = dict(inp, slice_pos=(inp["slice_pos"] + 0.3) % 1.0)
+    assert not torch.allclose(tg(**moved).z2d, out.z2d)
+    padded_pos = dict(inp, slice_pos=torch.where(inp["mask"], inp["slice_pos"], torch.rand(B, S)))
+    torch.testing.assert_close(tg(**padded_pos).z2d, out.z2d)
+
+
+def test_pos_embed_learns_to_score_by_position() -> None:
+    # slices that differ only in position: a few steps teach the head to put its mass on the last
+    # one, which it cannot do without the embedding (all logits equal -> uniform)
+    inp = make_inputs(5)
+    inp["v"] = torch.ones(B, S, T, D) * inp["mask"][..., None, None]
+    inp["x3d"] = torch.zeros(B, 24, D)
+    inp["slice_plane"] = torch.zeros(B, S, dtype=torch.long)
+    inp["slice_pos"] = torch.linspace(0.1, 0.9, S).expand(B, S).clone()
+    inp["mask"] = torch.ones(B, S, dtype=torch.bool)
+    for pos_embed, want_high in ((False, False), (True, True)):
+        tg = make_tgis(pos_embed=pos_embed)
+        opt = torch.optim.Adam(tg.parameters(), lr=0.05)
+        for _ in range(60):
+            loss = -torch.log(tg(**inp).scores[:, -1]).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        mass = float(tg(**inp).scores[:, -1].mean().detach())
+        assert (mass > 0.9) == want_high, (pos_embed, mass)
