@@ -290,6 +290,7 @@ class TrainConfig:
     log_every: int = 10
     resume: str = ""  # "" | auto | a checkpoint folder
     nan_abort_after: int = 5
+    feature_cache_mb: int = 0  # > 0: memoise frozen encoders' outputs up to this many MB (off under ZeRO-3)
 
     def __post_init__(self) -> None:
         _check_choice(
@@ -300,6 +301,8 @@ class TrainConfig:
         _check_choice("train.contrastive_pool", self.contrastive_pool, ("mean", "max"))
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+        if self.feature_cache_mb < 0:
+            raise ConfigError(f"train.feature_cache_mb must be >= 0 (0 = off), got {self.feature_cache_mb}")
 
 
 @dataclass

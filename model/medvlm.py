@@ -29,6 +29,7 @@ from torch import nn
 
 from medvlm3d.data.config import RunConfig
 from medvlm3d.model.encoder3d import build_encoder3d, load_encoder3d_weights
+from medvlm3d.model.feature_cache import FeatureCache, check_cacheable
 from medvlm3d.model.inter_slice import InterSlice
 from medvlm3d.model.llm import TextEncoder, apply_lora, build_llm, embed_tokens, load_tokenizer
 from medvlm3d.model.projector import Projector2D, Projector3D
@@ -130,6 +131,8 @@ class MedVLM(nn.Module):
             self.tgis = TGIS(mc.tgis, width, text_dim)
         self.vote_mi = VoteMI(mc.vote_mi)
         apply_trainable_policy(self.components(), mc.trainable)
+        self.feature_cache: FeatureCache | None = None  # enable_feature_cache; never saved
+        self._cached_encoders: tuple[str, ...] = ()
 
     # ----------------------------------------------------------------------------------------
     # structure
@@ -171,6 +174,31 @@ class MedVLM(nn.Module):
         """Where inputs go: the LLM's input-embedding device (the encoders sit there too)."""
         return self.embed_device
 
+    def enable_feature_cache(self, max_bytes: int) -> tuple[str, ...]:
+        """Memoise the outputs of the frozen, deterministic encoders (model/feature_cache.py), up
+        to `max_bytes`; returns the names of those cached. Not for ZeRO-3 (see that module)."""
+        names = []
+        for name in ("encoder3d", "slice_encoder"):
+            module = getattr(self, name)
+            if module is None:
+                continue
+            why = check_cacheable(module)
+            if why:
+                log.info("feature cache: %s is not cached: %s", name, why)
+            else:
+                names.append(name)
+        self._cached_encoders = tuple(names)
+        self.feature_cache = FeatureCache(max_bytes) if names else None
+        return self._cached_encoders
+
+    def _encode(self, name: str, *inputs: torch.Tensor) -> torch.Tensor:
+        """getattr(self, name)(*inputs), through the feature cache while that encoder is frozen."""
+        module = getattr(self, name)
+        if self.feature_cache is None or name not in self._cached_encoders \
+                or any(p.requires_grad for p in module.parameters()):
+            return module(*inputs)
+        return self.feature_cache.run(name, module, *inputs)
+
     # ----------------------------------------------------------------------------------------
     # encoding
 
@@ -210,11 +238,11 @@ class MedVLM(nn.Module):
         -> VisualOutput with tokens [N, num_visual_tokens, Dl]."""
         x3d = None
         if self.encoder3d is not None:
-            x3d = self.projector3d(self.encoder3d(volumes))  # [N, N3', Dl]
+            x3d = self.projector3d(self._encode("encoder3d", volumes))  # [N, N3', Dl]
         if self.variant == "3d_only":
             return VisualOutput(tokens=x3d)
 
-        feats = self.slice_encoder(slices, slice_mask)  # [N, S, T, D2]
+        feats = self._encode("slice_encoder", slices, slice_mask)  # [N, S, T, D2]
         if self.inter_slice is not None:
             feats = self.inter_slice(feats, slice_pos, slice_plane, slice_mask)
         v = self.projector2d(feats)  # [N, S, T, Dl]

@@ -302,6 +302,12 @@ def run_training(cfg: RunConfig) -> Path:
         set_seed(t.seed)
         with whole_model_init(accelerator):
             module, vlm = build_stage_model(cfg)
+        if t.feature_cache_mb > 0 and hasattr(vlm, "enable_feature_cache"):
+            if _is_zero3(accelerator):
+                log.warning("train.feature_cache_mb is ignored under ZeRO-3: every rank must run each partitioned encoder")
+            else:
+                cached = vlm.enable_feature_cache(t.feature_cache_mb << 20)
+                log.info("feature cache (%d MB): %s", t.feature_cache_mb, ", ".join(cached) or "no frozen encoder")
         if t.stage in ("stage1_align", "stage2_finetune") and (t.distill_weight > 0 or t.slice_loss_weight > 0) \
                 and getattr(vlm, "tgis", None) is None:
             log.warning("model.variant=%s has no TG-IS head: train.distill_weight and train.slice_loss_weight "

@@ -195,6 +195,30 @@ def test_grad_accumulation_equals_the_bigger_batch(phantom, tmp_path) -> None:
     assert read_progress(latest_complete(tmp_path / "ga2"))["samples"] == 6
 
 
+def test_feature_cache_gives_the_same_steps(phantom, tmp_path, monkeypatch) -> None:
+    # 4 records, batch 2, 6 steps: every study comes back, so the frozen encoders run on new
+    # inputs only; the steps equal those of a run without the cache
+    from medvlm3d.model.feature_cache import FeatureCache
+
+    seen: list[tuple[str, int, int]] = []
+    run = FeatureCache.run
+
+    def spy(self, name, module, *inputs):
+        out = run(self, name, module, *inputs)
+        seen.append((name, self.hits, self.misses))
+        return out
+
+    monkeypatch.setattr(FeatureCache, "run", spy)
+    common = ["train.max_steps=6", "train.batch_size=2", "model.trainable.llm=full", "train.slice_loss_weight=0.5"]
+    run_training(tiny(phantom, tmp_path / "plain", "stage2_finetune", "four", *common))
+    assert seen == []
+    run_training(tiny(phantom, tmp_path / "cached", "stage2_finetune", "four", *common, "train.feature_cache_mb=64"))
+    assert {name for name, _, _ in seen} == {"encoder3d", "slice_encoder"}
+    hits, misses = seen[-1][1:]
+    assert misses <= 2 * 4 and hits >= 2 * 2 * 4  # both encoders: computed once per study, reused after
+    assert history(tmp_path / "cached") == pytest.approx(history(tmp_path / "plain"), rel=1e-5)
+
+
 @pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_steps(phantom, tmp_path) -> None:
     common = ["train.max_steps=2", "model.trainable.llm=full"]

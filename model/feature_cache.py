@@ -1,0 +1,91 @@
+"""A memo of frozen encoder outputs, keyed by the content of each image's inputs.
+
+In stages 1 and 2 the 3D encoder and the slice encoder are usually frozen, and every epoch feeds
+them the same studies: their outputs can be computed once. On the demo's 2-core CPU the frozen
+slice encoder takes most of a stage-2 step (bench/bench_train.py prints the gain).
+
+    cache = FeatureCache(max_bytes)
+    out = cache.run("slice_encoder", module, slices, mask)   # slices [N, ...], mask [N, ...]
+        -> module(slices, mask) [N, ...], computed only for the rows not seen before
+
+Each row i of the batch is keyed by a BLAKE2 digest of row i of every input (bytes, shape and
+dtype): a key cannot go stale, whatever produced the batch (another study order, augmentation,
+another padding). A module is cached only when it is frozen (no parameter requires grad) and
+deterministic (no dropout or drop-path with p > 0): `check_cacheable` says why not. The cache
+does not survive the process; with DeepSpeed ZeRO-3 it must stay off, since every rank must run
+each partitioned module's forward together (`train/recipe.py` enables it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def check_cacheable(module: nn.Module) -> str:
+    """'' when `module`'s outputs may be cached, else the reason they may not."""
+    if any(p.requires_grad for p in module.parameters()):
+        return "it has trainable parameters"
+    for name, m in module.named_modules():
+        p = getattr(m, "drop_prob", None) if not isinstance(m, nn.modules.dropout._DropoutNd) else m.p
+        if isinstance(p, (int, float)) and p > 0:
+            return f"{name or type(m).__name__} drops with p={p}"
+    return ""
+
+
+def row_keys(*tensors: torch.Tensor) -> list[bytes]:
+    """One digest per row (dim 0) of the tensors together: [N] keys."""
+    n = int(tensors[0].shape[0])
+    if any(int(t.shape[0]) != n for t in tensors):
+        raise ValueError(f"FeatureCache: inputs must share dim 0, got {[tuple(t.shape) for t in tensors]}")
+    cpu = [t.detach().to("cpu").contiguous() for t in tensors]
+    keys = []
+    for i in range(n):
+        h = hashlib.blake2b(digest_size=16)
+        for t in cpu:
+            row = t[i]
+            h.update(f"{tuple(row.shape)}{row.dtype}".encode())
+            h.update(row.numpy().tobytes() if row.dtype != torch.bfloat16 else row.view(torch.int16).numpy().tobytes())
+        keys.append(h.digest())
+    return keys
+
+
+class FeatureCache:
+    """Outputs of frozen modules per input row, up to `max_bytes` in all (then new rows are
+    computed and not stored). `hits` and `misses` count rows."""
+
+    def __init__(self, max_bytes: int) -> None:
+        if not (isinstance(max_bytes, int) and max_bytes > 0):
+            raise ValueError(f"FeatureCache: max_bytes must be a positive integer, got {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._store: dict[tuple[str, bytes], torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def run(self, name: str, module: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+        """module(*inputs) [N, ...] with the rows already seen under `name` taken from the cache."""
+        keys = row_keys(*inputs)
+        found = [self._store.get((name, k)) for k in keys]
+        miss = [i for i, f in enumerate(found) if f is None]
+        self.hits += len(keys) - len(miss)
+        self.misses += len(miss)
+        if miss:
+            idx = torch.tensor(miss, device=inputs[0].device)
+            with torch.no_grad():
+                fresh = module(*(t.index_select(0, idx) for t in inputs))
+            for j, i in enumerate(miss):
+                row = fresh[j].detach().clone()
+                found[i] = row
+                size = row.numel() * row.element_size()
+                if self.bytes + size <= self.max_bytes:
+                    self._store[(name, keys[i])] = row
+                    self.bytes += size
+        device = inputs[0].device
+        return torch.stack([f.to(device) for f in found])  # type: ignore[union-attr]

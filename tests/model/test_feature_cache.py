@@ -1,0 +1,87 @@
+"""FeatureCache: rows computed once and returned identically, content keys, the byte cap,
+which modules may be cached, bad arguments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from medvlm3d.model.feature_cache import FeatureCache, check_cacheable, row_keys
+
+
+class Counting(nn.Module):
+    """x [N, 3], m [N, 3] -> [N, 2, 3]; records how many rows each call computed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 6)
+        self.calls: list[int] = []
+
+    def forward(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        self.calls.append(int(x.shape[0]))
+        return (self.lin(x) * m.repeat(1, 2)).view(-1, 2, 3)
+
+
+def test_rows_computed_once_and_identical() -> None:
+    torch.manual_seed(0)
+    mod, cache = Counting(), FeatureCache(1 << 20)
+    x, m = torch.randn(4, 3), torch.ones(4, 3)
+    first = cache.run("enc", mod, x, m)
+    torch.testing.assert_close(first, mod(x, m), rtol=0, atol=0)
+    # rows 2 and 0 again, and one new row: only the new row is computed
+    x2 = torch.cat([x[2:3], torch.randn(1, 3), x[0:1]])
+    m2 = torch.ones(3, 3)
+    second = cache.run("enc", mod, x2, m2)
+    assert mod.calls == [4, 4, 1]  # run, the reference call above, then one miss
+    assert torch.equal(second[0], first[2]) and torch.equal(second[2], first[0])
+    torch.testing.assert_close(second, mod(x2, m2))
+    assert (cache.hits, cache.misses, len(cache)) == (2, 5, 5)
+
+
+def test_keys_depend_on_every_input_and_name() -> None:
+    torch.manual_seed(1)
+    mod, cache = Counting(), FeatureCache(1 << 20)
+    x = torch.randn(2, 3)
+    a = cache.run("enc", mod, x, torch.ones(2, 3))
+    b = cache.run("enc", mod, x, torch.zeros(2, 3))  # same x, other mask: new rows
+    assert not torch.equal(a, b) and cache.hits == 0
+    cache.run("other", mod, x, torch.ones(2, 3))  # same inputs under another name: new rows
+    assert cache.hits == 0 and len(cache) == 6
+    assert row_keys(x)[0] != row_keys(x.double())[0]  # dtype is part of the key
+    assert row_keys(x)[0] == row_keys(x.clone())[0]
+
+
+def test_byte_cap_stops_storing_not_computing() -> None:
+    torch.manual_seed(2)
+    mod = Counting()
+    cache = FeatureCache(2 * 6 * 4)  # two rows of [2, 3] float32
+    x, m = torch.randn(3, 3), torch.ones(3, 3)
+    out = cache.run("enc", mod, x, m)
+    assert len(cache) == 2 and cache.bytes == 48
+    again = cache.run("enc", mod, x, m)
+    torch.testing.assert_close(again, out)
+    assert mod.calls == [3, 1]  # the third row is recomputed every time
+
+
+def test_check_cacheable() -> None:
+    mod = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.0))
+    assert "trainable" in check_cacheable(mod)
+    mod.requires_grad_(False)
+    assert check_cacheable(mod) == ""
+    mod[1].p = 0.1
+    assert "drops with p=0.1" in check_cacheable(mod)
+
+    class DropPath(nn.Module):  # timm's drop path keeps its rate in `drop_prob`
+        drop_prob = 0.2
+
+    frozen = nn.Sequential(nn.Linear(3, 3), DropPath()).requires_grad_(False)
+    assert "p=0.2" in check_cacheable(frozen)
+
+
+def test_bad_arguments() -> None:
+    for bad in (0, -1, 1.5, None):
+        with pytest.raises(ValueError, match="max_bytes"):
+            FeatureCache(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="share dim 0"):
+        FeatureCache(100).run("enc", Counting(), torch.zeros(2, 3), torch.zeros(3, 3))
