@@ -83,6 +83,14 @@ def make_phantoms(root: Path, n_train: int) -> tuple[Path, Path]:
     return Path(manifest), tok
 
 
+def distinct_studies(records: list[dict[str, Any]]) -> list[int]:
+    """Index of the first record of each distinct study (by its `image` field)."""
+    first: dict[str, int] = {}
+    for i, rec in enumerate(records):
+        first.setdefault(json.dumps(rec["image"]), i)
+    return list(first.values())
+
+
 def fill_cache(overrides: list[str]) -> tuple[int, float, int]:
     """Load every distinct study once through StudyDataset (fills data.cache_dir)
     -> (studies, seconds per study, train.batch_size)."""
@@ -94,13 +102,11 @@ def fill_cache(overrides: list[str]) -> tuple[int, float, int]:
     cfg = load_config(CONFIG, overrides, layers=[STAGE])
     records = read_train_records(cfg)
     ds = StudyDataset(records, cfg.data, load_tokenizer(cfg.model.llm), num_image_tokens=1, train=True)
-    first: dict[str, int] = {}
-    for i, rec in enumerate(records):
-        first.setdefault(json.dumps(rec["image"]), i)
+    idx = distinct_studies(records)
     t0 = time.perf_counter()
-    for i in first.values():
+    for i in idx:
         ds[i]
-    return len(first), (time.perf_counter() - t0) / max(1, len(first)), cfg.train.batch_size
+    return len(idx), (time.perf_counter() - t0) / max(1, len(idx)), cfg.train.batch_size
 
 
 def prefill_feature_cache(vlm: Any, dataset: Any, collate: Any, t: Any) -> float:
@@ -109,10 +115,7 @@ def prefill_feature_cache(vlm: Any, dataset: Any, collate: Any, t: Any) -> float
     import torch
 
     vlm.enable_feature_cache(t.feature_cache_mb << 20)
-    first: dict[str, int] = {}
-    for i, rec in enumerate(dataset.records):
-        first.setdefault(json.dumps(rec["image"]), i)
-    idx = list(first.values())
+    idx = distinct_studies(dataset.records)
     t0 = time.perf_counter()
     with torch.no_grad():
         for k in range(0, len(idx), t.batch_size):

@@ -153,9 +153,9 @@ class TGIS(nn.Module):
             nn.init.zeros_(self.plane_embed.weight)
 
     def position_embedding(self, slice_pos: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
-        """slice_pos [B, S] in (0, 1), plane [B, S] long -> [B, S, D] (zeros without pos_embed)."""
+        """slice_pos [B, S] in (0, 1), plane [B, S] long -> [B, S, D]; only with `cfg.pos_embed`."""
         if self.pos_proj is None or self.plane_embed is None:
-            return slice_pos.new_zeros(*slice_pos.shape, self.dim)
+            raise ValueError("TGIS.position_embedding needs tgis.pos_embed: true")
         pe = sinusoid(slice_pos * POS_SCALE, self.dim).to(self.pos_proj.weight.dtype)
         return self.pos_proj(pe) + self.plane_embed(plane)
 

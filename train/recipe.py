@@ -302,7 +302,7 @@ def run_training(cfg: RunConfig) -> Path:
         set_seed(t.seed)
         with whole_model_init(accelerator):
             module, vlm = build_stage_model(cfg)
-        if t.feature_cache_mb > 0 and hasattr(vlm, "enable_feature_cache"):
+        if t.feature_cache_mb > 0 and t.stage in ("stage1_align", "stage2_finetune"):  # stage 0 calls encoders itself
             if _is_zero3(accelerator):
                 log.warning("train.feature_cache_mb is ignored under ZeRO-3: every rank must run each partitioned encoder")
             else:
