@@ -11,8 +11,9 @@ slice encoder takes most of a stage-2 step (bench/bench_train.py prints the gain
 Each row i of the batch is keyed by a BLAKE2 digest of row i of every input (bytes, shape and
 dtype): a key cannot go stale, whatever produced the batch (another study order, augmentation,
 another padding). A module is cached only when it is frozen (no parameter requires grad) and
-deterministic (no dropout or drop-path with p > 0): `check_cacheable` says why not. The cache
-does not survive the process; with DeepSpeed ZeRO-3 it must stay off, since every rank must run
+deterministic (no dropout, drop-path or batch-norm in training mode; `MedVLM.train()` holds those
+layers of a frozen encoder in eval mode): `check_cacheable` says why not. The cache does not
+survive the process; with DeepSpeed ZeRO-3 it must stay off, since every rank must run
 each partitioned module's forward together (`train/recipe.py` enables it).
 """
 
@@ -23,16 +24,23 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 
 def check_cacheable(module: nn.Module) -> str:
-    """'' when `module`'s outputs may be cached, else the reason they may not."""
+    """'' when `module`'s outputs may be cached, else the reason they may not: it must have no
+    trainable parameter, and no norm with running statistics or dropout / drop-path (p > 0) may
+    be in training mode (`model.trainable.hold_frozen_in_eval` puts a frozen encoder's there)."""
     if any(p.requires_grad for p in module.parameters()):
         return "it has trainable parameters"
     for name, m in module.named_modules():
-        p = getattr(m, "drop_prob", None) if not isinstance(m, nn.modules.dropout._DropoutNd) else m.p
+        if not m.training:
+            continue
+        if isinstance(m, _NormBase) and m.track_running_stats:
+            return f"{name or type(m).__name__} normalises with batch statistics (training mode)"
+        p = m.p if isinstance(m, nn.modules.dropout._DropoutNd) else getattr(m, "drop_prob", None)
         if isinstance(p, (int, float)) and p > 0:
-            return f"{name or type(m).__name__} drops with p={p}"
+            return f"{name or type(m).__name__} drops with p={p} (training mode)"
     return ""
 
 

@@ -35,7 +35,7 @@ from medvlm3d.model.llm import TextEncoder, apply_lora, build_llm, embed_tokens,
 from medvlm3d.model.projector import Projector2D, Projector3D
 from medvlm3d.model.slice_encoder import SliceEncoder
 from medvlm3d.model.tgis import TGIS
-from medvlm3d.model.trainable import apply_trainable_policy
+from medvlm3d.model.trainable import apply_trainable_policy, hold_frozen_in_eval
 from medvlm3d.model.vote_mi import VoteMI, intensity_features
 
 log = logging.getLogger(__name__)
@@ -174,9 +174,18 @@ class MedVLM(nn.Module):
         """Where inputs go: the LLM's input-embedding device (the encoders sit there too)."""
         return self.embed_device
 
+    def train(self, mode: bool = True) -> MedVLM:
+        """nn.Module.train, except that a frozen component's batch-norm and dropout layers stay in
+        eval mode (`hold_frozen_in_eval`): a frozen encoder is a fixed function of its input."""
+        super().train(mode)
+        if mode:
+            hold_frozen_in_eval(self.components())
+        return self
+
     def enable_feature_cache(self, max_bytes: int) -> tuple[str, ...]:
         """Memoise the outputs of the frozen, deterministic encoders (model/feature_cache.py), up
         to `max_bytes`; returns the names of those cached. Not for ZeRO-3 (see that module)."""
+        self.train(self.training)  # hold the frozen encoders' stochastic layers in eval mode
         names = []
         for name in ("encoder3d", "slice_encoder"):
             module = getattr(self, name)

@@ -12,8 +12,13 @@ tgis, projector, llm); a component that a model variant lacks is passed as None 
   parameter groups, one learning rate per component, no weight decay on biases and other 1-D
   tensors (norm weights), via timm's `param_groups_weight_decay`.
 
-This module changes only `requires_grad`; train/eval mode (dropout, batch-norm statistics) is the
-training loop's business.
+- `stochastic_layers(module)`: its batch-/instance-norm layers with running statistics and its
+  dropout / drop-path layers: the layers whose output depends on train/eval mode.
+- `hold_frozen_in_eval(components)`: puts those layers of every frozen component (no parameter
+  requires grad) in eval mode, so that a frozen encoder is a fixed function: its batch-norm
+  statistics do not drift and its output for a study does not depend on the rest of the batch.
+  `MedVLM.train()` calls it; the rest of a frozen module keeps the requested mode (an LLM's
+  gradient checkpointing, which checks `self.training`, still works while it is frozen).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from typing import Any, Mapping
 from peft.tuners.lora import LoraLayer
 from timm.optim import param_groups_weight_decay
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.dropout import _DropoutNd
 
 from medvlm3d.data.config import TrainablePolicy
 
@@ -64,6 +71,32 @@ def _mark_only_lora_trainable(module: nn.Module, name: str) -> None:
                 holder = getattr(layer, attr, None)  # nn.ModuleDict / nn.ParameterDict keyed by adapter
                 if holder is not None and adapter in holder:
                     holder[adapter].requires_grad_(True)
+
+
+def stochastic_layers(module: nn.Module) -> list[nn.Module]:
+    """The submodules of `module` whose output depends on train/eval mode: norms with running
+    statistics (BatchNorm, InstanceNorm with track_running_stats), dropout, and drop-path (timm
+    keeps its rate in `drop_prob`)."""
+    out = []
+    for m in module.modules():
+        if isinstance(m, _NormBase) and m.track_running_stats:
+            out.append(m)
+        elif isinstance(m, _DropoutNd) or isinstance(getattr(m, "drop_prob", None), (int, float)):
+            out.append(m)
+    return out
+
+
+def hold_frozen_in_eval(components: Mapping[str, nn.Module | None]) -> list[str]:
+    """Put the `stochastic_layers` of each frozen present component in eval mode (in place);
+    returns the names of the frozen components."""
+    frozen = []
+    for name, module in components.items():
+        if module is None or any(p.requires_grad for p in module.parameters()):
+            continue
+        for m in stochastic_layers(module):
+            m.eval()
+        frozen.append(name)
+    return frozen
 
 
 def apply_trainable_policy(components: Mapping[str, nn.Module | None], policy: TrainablePolicy) -> None:

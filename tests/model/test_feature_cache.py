@@ -71,12 +71,18 @@ def test_check_cacheable() -> None:
     assert check_cacheable(mod) == ""
     mod[1].p = 0.1
     assert "drops with p=0.1" in check_cacheable(mod)
+    mod[1].eval()  # dropout in eval mode is the identity
+    assert check_cacheable(mod) == ""
 
     class DropPath(nn.Module):  # timm's drop path keeps its rate in `drop_prob`
         drop_prob = 0.2
 
     frozen = nn.Sequential(nn.Linear(3, 3), DropPath()).requires_grad_(False)
     assert "p=0.2" in check_cacheable(frozen)
+    bn = nn.Sequential(nn.Conv1d(1, 2, 1), nn.BatchNorm1d(2)).requires_grad_(False)
+    assert "batch statistics" in check_cacheable(bn)  # the output of a row would depend on the batch
+    bn[1].eval()
+    assert check_cacheable(bn) == ""
 
 
 def test_bad_arguments() -> None:

@@ -112,6 +112,24 @@ def test_one_optimizer_step_on_phantom_batches(tiny_cfg, phantom_records: list[d
     assert {"encoder3d", "slice_encoder", "tgis", "projector3d", "projector2d", "llm"} <= changed
 
 
+def test_frozen_resnet_encoder_keeps_its_batch_norm_statistics(tiny_cfg, phantom_records: list[dict]) -> None:
+    torch.manual_seed(0)
+    resnet = ("model.encoder3d.arch=resnet", "model.encoder3d.resnet_widths=[4,8,8,16]", "model.projector.pool3d=[1,1,1]")
+    m = build_model(tiny_cfg(*resnet, "model.trainable.encoder3d=frozen")).train()
+    bns = [b for b in m.encoder3d.modules() if isinstance(b, torch.nn.BatchNorm3d)]
+    assert bns and not any(b.training for b in bns) and m.llm.training
+    stats = [b.running_mean.clone() for b in bns]
+    batch = batch_for(m, phantom_records, n=2)
+    m(**batch).loss.backward()
+    assert all(torch.equal(b.running_mean, s) for b, s in zip(bns, stats))
+    # the same study alone gets the same 3D tokens as in the batch (no batch statistics)
+    with torch.no_grad():
+        both = m.encoder3d(batch["volumes"])
+        torch.testing.assert_close(m.encoder3d(batch["volumes"][:1]), both[:1])
+    trained = build_model(tiny_cfg(*resnet, "model.trainable.encoder3d=full")).train()
+    assert all(b.training for b in trained.encoder3d.modules() if isinstance(b, torch.nn.BatchNorm3d))
+
+
 def test_lora_touches_only_the_llm(tiny_cfg) -> None:
     m = build_model(tiny_cfg("model.trainable.encoder3d=frozen", "model.trainable.slice_encoder=frozen",
                              "model.trainable.tgis=frozen", "model.trainable.projector=frozen"))

@@ -12,7 +12,9 @@ from medvlm3d.model.llm import apply_lora
 from medvlm3d.model.trainable import (
     apply_trainable_policy,
     count_parameters,
+    hold_frozen_in_eval,
     lora_layers,
+    stochastic_layers,
     trainable_parameter_groups,
 )
 
@@ -158,3 +160,32 @@ def test_parameter_groups_shared_tensor_joins_one_group() -> None:
     assert len(ids) == len(set(ids)) == 4
     assert {g["name"] for g in groups} == {"tgis", "tgis/no_decay", "projector", "projector/no_decay"}
     torch.optim.AdamW(groups)  # accepted as is
+
+
+def test_frozen_components_hold_their_stochastic_layers_in_eval() -> None:
+    class DropPath(nn.Module):  # timm's drop path keeps its rate in `drop_prob`
+        drop_prob = 0.1
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    def block() -> nn.Sequential:
+        return nn.Sequential(nn.Conv1d(1, 2, 1), nn.BatchNorm1d(2), nn.Dropout(0.5), DropPath(), nn.LayerNorm(4))
+
+    comps = {"encoder3d": block(), "slice_encoder": block(), "llm": None}
+    assert [type(m).__name__ for m in stochastic_layers(comps["encoder3d"])] == ["BatchNorm1d", "Dropout", "DropPath"]
+    comps["encoder3d"].requires_grad_(False)
+    for m in comps.values():
+        if m is not None:
+            m.train()
+    assert hold_frozen_in_eval(comps) == ["encoder3d"]
+    frozen, trained = comps["encoder3d"], comps["slice_encoder"]
+    assert frozen.training and not any(m.training for m in frozen[1:4]) and frozen[0].training and frozen[4].training
+    assert all(m.training for m in trained.modules())
+    # a frozen block uses (and keeps) its running statistics: a row's output ignores the batch
+    before = frozen[1].running_mean.clone()
+    x = torch.randn(5, 1, 4) + 3.0
+    torch.testing.assert_close(frozen(x)[:1], frozen(x[:1]))
+    torch.testing.assert_close(frozen[1].running_mean, before)
+    assert not torch.allclose(trained(x)[:1], trained(x[:1]))  # the trained one normalises by the batch
+    assert hold_frozen_in_eval({"encoder3d": nn.Linear(2, 2)}) == []  # trainable: untouched
