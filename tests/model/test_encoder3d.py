@@ -10,7 +10,7 @@ import torch
 from monai.networks.nets import ViT
 from safetensors.torch import save_file
 
-from medvlm3d.data.config import Encoder3DConfig
+from medvlm3d.data.config import ConfigError, Encoder3DConfig
 from medvlm3d.model.encoder3d import (
     ENCODERS3D,
     build_encoder3d,
@@ -73,13 +73,25 @@ def test_resnet_tokens_match_feature_map():
 
 
 @pytest.mark.parametrize("size", [(16, 32, 32), (17, 33, 8), (5, 48, 20)])
-def test_resnet_grid_formula_matches_network(size):
-    cfg = Encoder3DConfig(**{**RESNET, "img_size": size})
+@pytest.mark.parametrize("stem", [(1, True), (2, False), (2, True)], ids=["monai", "strided", "strided+pool"])
+def test_resnet_grid_formula_matches_network(size, stem):
+    stride, max_pool = stem
+    cfg = Encoder3DConfig(**{**RESNET, "img_size": size, "resnet_conv1_stride": stride, "resnet_max_pool": max_pool})
     enc = build_encoder3d(cfg).eval()
-    assert enc.grid == resnet_grid(size)
+    assert enc.grid == resnet_grid(size, stride, max_pool)
     with torch.no_grad():
         out = enc(torch.rand(1, 1, *size))
     assert out.shape == (1, enc.grid[0] * enc.grid[1] * enc.grid[2], 16)
+
+
+def test_resnet_strided_stem_keeps_the_grid_and_drops_the_pool():
+    enc = build_encoder3d(Encoder3DConfig(**{**RESNET, "resnet_conv1_stride": 2, "resnet_max_pool": False}))
+    assert enc.grid == build_encoder3d(Encoder3DConfig(**RESNET)).grid == (1, 2, 2)
+    assert enc.net.conv1.stride == (2, 2, 2) and enc.net.no_max_pool
+    with pytest.raises(ConfigError, match=r"resnet_conv1_stride must be one of \[1, 2\], got 3"):
+        Encoder3DConfig(**{**RESNET, "resnet_conv1_stride": 3})
+    with pytest.raises(ValueError, match="resnet_conv1_stride must be 1 or 2"):
+        resnet_grid((16, 32, 32), 4)
 
 
 def test_resnet_rejects_bad_stages():
