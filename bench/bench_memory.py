@@ -37,19 +37,25 @@ from typing import Any
 
 MIB = 2**20
 VOCAB = 32000
-# The mid-size model: demo at 32x128x128, a 4-layer 3D ViT (512 tokens), a 4-layer ViT-Tiny-like slice
-# encoder (64 tokens per slice, 32 slices) and a 8-layer 512-wide GQA LLaMA, 256 text tokens.
-MID = [
-    "data.size=[32,128,128]", "data.slice_size=[128,128]", "data.max_text_len=256",
-    "model.encoder3d.img_size=[32,128,128]", "model.encoder3d.hidden_size=192", "model.encoder3d.num_layers=4",
-    "model.encoder3d.num_heads=4", "model.encoder3d.mlp_dim=768",
-    "model.slice_encoder.model_kwargs={patch_size: 16, depth: 4, embed_dim: 192, num_heads: 3}",
+# The mid-size model: demo at 32x128x128 with a 4-layer 3D ViT (512 tokens, pooled to 128) in place
+# of its 3D ResNet, a 4-layer ViT-Tiny-like slice encoder (64 tokens per slice, 32 slices) and a
+# 8-layer 512-wide GQA LLaMA, 256 text tokens.
+LLM_MID = [
     "model.llm.hidden_size=512", "model.llm.num_layers=8", "model.llm.num_heads=8", "model.llm.num_kv_heads=2",
     "model.llm.intermediate_size=1408",
 ]
+MID = [
+    "data.size=[32,128,128]", "data.slice_size=[128,128]", "data.max_text_len=256",
+    "model.encoder3d.preset=vit3d_tiny", "model.projector.pool3d=[1,2,2]",
+    "model.encoder3d.img_size=[32,128,128]", "model.encoder3d.hidden_size=192", "model.encoder3d.num_layers=4",
+    "model.encoder3d.num_heads=4", "model.encoder3d.mlp_dim=768",
+    "model.slice_encoder.model_kwargs={patch_size: 16, depth: 4, embed_dim: 192, num_heads: 3}",
+    *LLM_MID,
+]
 # The same LLM with CNN encoders (MONAI 3D ResNet, timm ResNet-18 slices) at 32x64x64.
-MID_CNN = MID[2:3] + MID[-5:] + [
-    "model.encoder3d.preset=resnet3d_tiny", "model.encoder3d.img_size=[32,64,64]",
+MID_CNN = ["data.max_text_len=256", *LLM_MID,
+    "model.encoder3d.preset=resnet3d_tiny", "model.encoder3d.img_size=[32,64,64]", "model.projector.pool3d=[1,2,2]",
+    "model.encoder3d.resnet_conv1_stride=1", "model.encoder3d.resnet_max_pool=true",  # MONAI's stem, as measured
     "model.slice_encoder.model_name=resnet18", "model.slice_encoder.model_kwargs={}",
 ]
 CASES: dict[str, dict[str, Any]] = {
