@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from medvlm3d.model.trainable import stochastic_layers
+
 
 def check_cacheable(module: nn.Module) -> str:
     """'' when `module`'s outputs may be cached, else the reason they may not: it must have no
@@ -33,14 +35,14 @@ def check_cacheable(module: nn.Module) -> str:
     be in training mode (`model.trainable.hold_frozen_in_eval` puts a frozen encoder's there)."""
     if any(p.requires_grad for p in module.parameters()):
         return "it has trainable parameters"
-    for name, m in module.named_modules():
+    for m in stochastic_layers(module):
         if not m.training:
             continue
-        if isinstance(m, _NormBase) and m.track_running_stats:
-            return f"{name or type(m).__name__} normalises with batch statistics (training mode)"
-        p = m.p if isinstance(m, nn.modules.dropout._DropoutNd) else getattr(m, "drop_prob", None)
-        if isinstance(p, (int, float)) and p > 0:
-            return f"{name or type(m).__name__} drops with p={p} (training mode)"
+        if isinstance(m, _NormBase):
+            return f"{type(m).__name__} normalises with batch statistics (training mode)"
+        p = m.p if isinstance(m, nn.modules.dropout._DropoutNd) else m.drop_prob
+        if p > 0:
+            return f"{type(m).__name__} drops with p={p} (training mode)"
     return ""
 
 
