@@ -8,10 +8,15 @@ slice encoder takes most of a stage-2 step (bench/bench_train.py prints the gain
     out = cache.run("slice_encoder", module, slices, mask)   # slices [N, ...], mask [N, ...]
         -> module(slices, mask) [N, ...], computed only for the rows not seen before
 
-Each row i of the batch is keyed by a BLAKE2 digest of row i of every input (bytes, shape and
+Each row i of the batch is keyed by a SHA-256 digest of row i of every input (bytes, shape and
 dtype): a key cannot go stale, whatever produced the batch (another study order, augmentation,
-another padding). A module is cached only when it is frozen (no parameter requires grad) and
-deterministic (no dropout, drop-path or batch-norm in training mode; `MedVLM.train()` holds those
+another padding). SHA-256 rather than BLAKE2: with the CPU's SHA instructions it hashes a 512 KB
+volume 2.6x faster here (11 ms against 29 ms for 32 rows), and hashing is most of a cache hit.
+Inputs shared by several cached functions are hashed once: `keys = row_keys(...)`, then
+`run(..., keys=keys)` for each (MedVLM caches the slice encoder and the Vote-MI teacher, a
+parameter-free function of the slices, under the same keys).
+
+A module is cached only when it is frozen (no parameter requires grad) and deterministic (no dropout, drop-path or batch-norm in training mode; `MedVLM.train()` holds those
 layers of a frozen encoder in eval mode): `check_cacheable` says why not. The cache does not
 survive the process; with DeepSpeed ZeRO-3 it must stay off, since every rank must run
 each partitioned module's forward together (`train/recipe.py` enables it).
@@ -54,12 +59,12 @@ def row_keys(*tensors: torch.Tensor) -> list[bytes]:
     cpu = [t.detach().to("cpu").contiguous() for t in tensors]
     keys = []
     for i in range(n):
-        h = hashlib.blake2b(digest_size=16)
+        h = hashlib.sha256()
         for t in cpu:
             row = t[i]
             h.update(f"{tuple(row.shape)}{row.dtype}".encode())
             h.update((row.view(torch.int16) if row.dtype == torch.bfloat16 else row).numpy().data)  # no copy
-        keys.append(h.digest())
+        keys.append(h.digest()[:16])
     return keys
 
 
@@ -79,9 +84,13 @@ class FeatureCache:
     def __len__(self) -> int:
         return len(self._store)
 
-    def run(self, name: str, module: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
-        """module(*inputs) [N, ...] with the rows already seen under `name` taken from the cache."""
-        keys = row_keys(*inputs)
+    def run(self, name: str, module: Callable[..., torch.Tensor], *inputs: torch.Tensor,
+            keys: list[bytes] | None = None) -> torch.Tensor:
+        """module(*inputs) [N, ...] with the rows already seen under `name` taken from the cache.
+        `keys`: `row_keys` of these inputs, or of more tensors that include them (default: computed)."""
+        keys = row_keys(*inputs) if keys is None else keys
+        if len(keys) != int(inputs[0].shape[0]):
+            raise ValueError(f"FeatureCache: {len(keys)} keys for {int(inputs[0].shape[0])} rows")
         found = [self._store.get((name, k)) for k in keys]
         miss = [i for i, f in enumerate(found) if f is None]
         self.hits += len(keys) - len(miss)

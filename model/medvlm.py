@@ -29,7 +29,7 @@ from torch import nn
 
 from medvlm3d.data.config import RunConfig
 from medvlm3d.model.encoder3d import build_encoder3d, load_encoder3d_weights
-from medvlm3d.model.feature_cache import FeatureCache, check_cacheable
+from medvlm3d.model.feature_cache import FeatureCache, check_cacheable, row_keys
 from medvlm3d.model.inter_slice import InterSlice
 from medvlm3d.model.llm import TextEncoder, apply_lora, build_llm, embed_tokens, load_tokenizer
 from medvlm3d.model.projector import Projector2D, Projector3D
@@ -200,13 +200,14 @@ class MedVLM(nn.Module):
         self.feature_cache = FeatureCache(max_bytes) if names else None
         return self._cached_encoders
 
-    def _encode(self, name: str, *inputs: torch.Tensor) -> torch.Tensor:
-        """getattr(self, name)(*inputs), through the feature cache while that encoder is frozen."""
+    def _encode(self, name: str, *inputs: torch.Tensor, keys: list[bytes] | None = None) -> torch.Tensor:
+        """getattr(self, name)(*inputs), through the feature cache while that encoder is frozen
+        (`keys`: the inputs' `row_keys`, when the caller already has them)."""
         module = getattr(self, name)
         if self.feature_cache is None or name not in self._cached_encoders \
                 or any(p.requires_grad for p in module.parameters()):
             return module(*inputs)
-        return self.feature_cache.run(name, module, *inputs)
+        return self.feature_cache.run(name, module, *inputs, keys=keys)
 
     # ----------------------------------------------------------------------------------------
     # encoding
@@ -251,29 +252,45 @@ class MedVLM(nn.Module):
         if self.variant == "3d_only":
             return VisualOutput(tokens=x3d)
 
-        feats = self._encode("slice_encoder", slices, slice_mask)  # [N, S, T, D2]
+        # the slice encoder and the Vote-MI teacher are both cached functions of the slices: hash once
+        keys = None if self.feature_cache is None else row_keys(slices, slice_mask, slice_plane)
+        feats = self._encode("slice_encoder", slices, slice_mask, keys=keys)  # [N, S, T, D2]
         if self.inter_slice is not None:
             feats = self.inter_slice(feats, slice_pos, slice_plane, slice_mask)
         v = self.projector2d(feats)  # [N, S, T, Dl]
         teacher = None
-        if self.cfg.model.vote_mi.teacher != "off" or self.variant == "2d_only":
+        if self.variant == "2d_only":
             with torch.no_grad():
                 vm_feats = self._vote_features(slices, feats, slice_mask)
                 teacher = self.vote_mi.teacher(vm_feats, slice_mask, slice_plane)
-        if self.variant == "2d_only":
             picks = self._picks(vm_feats, slice_mask, slice_plane)  # [N, P]
             chosen = torch.gather(v, 1, repeat(picks, "n p -> n p t d", t=v.shape[2], d=v.shape[3]))
             return VisualOutput(tokens=rearrange(chosen, "n p t d -> n (p t) d"), teacher=teacher, picks=picks)
 
+        if self.cfg.model.vote_mi.teacher != "off":
+            teacher = self._teacher(slices, feats, slice_mask, slice_plane, keys)
         out = self.tgis(x3d, self.projector3d.out_grid, v, text, slice_pos, slice_plane, slice_mask)
         tokens = torch.cat([x3d, out.z2d], dim=1)
         return VisualOutput(tokens=tokens, scores=out.scores, logits=out.logits, teacher=teacher)
 
+    @torch.no_grad()
+    def _teacher(self, slices: torch.Tensor, feats: torch.Tensor, mask: torch.Tensor, plane: torch.Tensor,
+                 keys: list[bytes] | None) -> torch.Tensor:
+        """Vote-MI teacher [N, S]. On intensity features it is a fixed function of (slices, mask,
+        plane), so with the feature cache on it is computed once per study, like a frozen encoder."""
+        if self.cfg.model.vote_mi.features == "encoder" or self.feature_cache is None:
+            return self.vote_mi.teacher(self._vote_features(slices, feats, mask), mask, plane)
+
+        def intensity_teacher(s: torch.Tensor, m: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+            return self.vote_mi.teacher(intensity_features(s, size=self.cfg.model.vote_mi.feature_size, mask=m), m, p)
+
+        return self.feature_cache.run("vote_mi", intensity_teacher, slices, mask, plane, keys=keys)
+
     def _vote_features(self, slices: torch.Tensor, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Slice embeddings for Vote-MI: [N, S, F]."""
+        """Slice embeddings for Vote-MI: [N, S, F] (intensity features: centred over the real slices)."""
         if self.cfg.model.vote_mi.features == "encoder":
             return feats.detach().mean(dim=2)
-        return intensity_features(slices, size=self.cfg.model.vote_mi.feature_size)
+        return intensity_features(slices, size=self.cfg.model.vote_mi.feature_size, mask=mask)
 
     def _picks(self, vm_feats: torch.Tensor, mask: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
         """Vote-MI picks as slice positions [N, num_picks], in z order, repeated when short."""
