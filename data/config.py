@@ -61,6 +61,7 @@ class DataConfig:
     # stage0_text: "report" puts each VQA question after its study's report, where the image goes
     # in later stages, so the text-only LLM learns to answer from evidence, not from priors
     text_context: str = "none"
+    text_packing: bool = True  # stage0_text: pack samples into rows instead of padding (train/data.py)
     cache_dir: str = ""
     max_voxels: int = 1024 * 1024 * 1024
     oversize: str = "downsample"  # downsample | refuse

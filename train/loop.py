@@ -3,6 +3,7 @@
 Objectives per stage (`train.stage`), over one micro-batch of a process:
 
     stage0_text      TextLM(vlm)(input_ids [B,L], attention_mask [B,L]) -> logits [B,L,V]; loss = LM
+                     (packed rows: input_ids, position_ids [R,L], no attention_mask)
     stage0_clip      ContrastiveModel(vlm, cfg)(**batch) -> {"loss": scalar, other scalars}; loss = "loss"
     stage1_align,    MedVLM(**batch) -> logits [B,L,V], scores/teacher/slice_mask [N,S];
     stage2_finetune  loss = LM + λ(step)·KL(teacher ‖ scores) + slice_loss_weight·slice_loss
@@ -58,14 +59,17 @@ class TrainingDiverged(RuntimeError):
 
 class TextLM(nn.Module):
     """stage0_text: the VLM's causal LM on plain text. forward(input_ids [B,L], attention_mask
-    [B,L]) -> logits [B,L,V]. `.vlm` is what gets exported."""
+    [B,L] | None, position_ids [B,L] | None) -> logits [B,L,V]. `.vlm` is what gets exported."""
 
     def __init__(self, vlm: nn.Module) -> None:
         super().__init__()
         self.vlm = vlm
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> torch.Tensor:
-        return self.vlm.llm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+        """Padded rows (attention_mask) or packed ones (position_ids restarting at each sample)."""
+        return self.vlm.llm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False).logits
 
 
 def stage_module(vlm: nn.Module, cfg: RunConfig) -> nn.Module:
@@ -123,7 +127,8 @@ def micro_batch_loss(
         return out["loss"], terms
     labels = batch["labels"]
     if stage == "stage0_text":
-        logits, out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]), None
+        text = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        logits, out = model(**text), None
     else:
         out = model(**{k: v for k, v in batch.items() if k != "labels"})
         logits = out.logits

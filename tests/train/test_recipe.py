@@ -133,6 +133,53 @@ def test_text_context_puts_the_study_report_before_each_question(phantom) -> Non
         tiny(phantom, Path("unused"), "stage0_text", "all", "data.text_context=notes")
 
 
+def test_packed_text_batch_gives_the_padded_logits_and_loss(phantom) -> None:
+    from medvlm3d.model.llm import load_tokenizer
+    from medvlm3d.model.medvlm import build_model
+    from medvlm3d.train.loop import TextLM, lm_loss_function, supervised_tokens
+
+    cfg = tiny(phantom, Path("unused"), "stage0_text")
+    tok = load_tokenizer(cfg.model.llm)
+    ds = TextDataset(read_records(phantom["all"]), tok, max_len=512)  # long reports, short questions
+    samples = [ds[i] for i in range(8)]
+    lengths = [len(s["input_ids"]) for s in samples]
+    assert len(set(lengths)) > 2  # reports and questions: something to pack
+    padded = TextCollator(tok.pad_token_id)(samples)
+    packed = TextCollator(tok.pad_token_id, pack=True)(samples)
+    assert set(packed) == {"input_ids", "labels", "position_ids"}
+    rows, width = packed["input_ids"].shape
+    assert rows < len(samples) and width <= max(lengths)
+    assert supervised_tokens(packed) == supervised_tokens(padded) == sum(n - 1 for n in lengths)
+    # every sample once, in one row, positions 0..n-1, its first label ignored
+    found = 0
+    for r in range(rows):
+        starts = (packed["position_ids"][r] == 0).nonzero().flatten().tolist() + [width]
+        for a, b in zip(starts, starts[1:]):
+            seg = packed["input_ids"][r, a:b].tolist()
+            match = [i for i, s in enumerate(samples) if s["input_ids"].tolist() == seg]
+            if not match:  # the padding tail
+                assert set(seg) == {tok.pad_token_id} and (packed["labels"][r, a:b] == -100).all()
+                continue
+            found += 1
+            assert packed["labels"][r, a] == -100 and torch.equal(packed["labels"][r, a + 1:b], samples[match[0]]["labels"][1:])
+    assert found == len(samples)
+
+    model = TextLM(build_model(cfg)).eval()
+    lm_loss = lm_loss_function(model.vlm.llm)
+    with torch.no_grad():
+        lp, lk = model(**{k: v for k, v in padded.items() if k != "labels"}), model(**{k: v for k, v in packed.items() if k != "labels"})
+    n = torch.tensor(supervised_tokens(padded))
+    loss_p = lm_loss(lp, padded["labels"], vocab_size=lp.shape[-1], num_items_in_batch=n)
+    loss_k = lm_loss(lk, packed["labels"], vocab_size=lk.shape[-1], num_items_in_batch=n)
+    assert loss_k.item() == pytest.approx(loss_p.item(), rel=1e-5)
+    # sample 0's logits: the same where it sits in its packed row (no attention to its neighbours)
+    r, a = next((r, a) for r in range(rows) for a in (packed["position_ids"][r] == 0).nonzero().flatten().tolist()
+                if packed["input_ids"][r, a:a + lengths[0]].tolist() == samples[0]["input_ids"].tolist())
+    assert torch.allclose(lk[r, a:a + lengths[0]], lp[0, :lengths[0]], atol=1e-5)
+    with pytest.raises(ValueError, match="empty"):
+        TextCollator(tok.pad_token_id, pack=True)([])
+
+
 def test_param_groups_use_per_component_lrs(phantom) -> None:
     from medvlm3d.model.medvlm import build_model
 
@@ -203,8 +250,8 @@ def test_feature_cache_gives_the_same_steps(phantom, tmp_path, monkeypatch) -> N
     seen: list[tuple[str, int, int]] = []
     run = FeatureCache.run
 
-    def spy(self, name, module, *inputs):
-        out = run(self, name, module, *inputs)
+    def spy(self, name, module, *inputs, **kw):
+        out = run(self, name, module, *inputs, **kw)
         seen.append((name, self.hits, self.misses))
         return out
 
@@ -213,9 +260,10 @@ def test_feature_cache_gives_the_same_steps(phantom, tmp_path, monkeypatch) -> N
     run_training(tiny(phantom, tmp_path / "plain", "stage2_finetune", "four", *common))
     assert seen == []
     run_training(tiny(phantom, tmp_path / "cached", "stage2_finetune", "four", *common, "train.feature_cache_mb=64"))
-    assert {name for name, _, _ in seen} == {"encoder3d", "slice_encoder"}
+    # both encoders and the Vote-MI teacher: computed once per study, reused after
+    assert {name for name, _, _ in seen} == {"encoder3d", "slice_encoder", "vote_mi"}
     hits, misses = seen[-1][1:]
-    assert misses <= 2 * 4 and hits >= 2 * 2 * 4  # both encoders: computed once per study, reused after
+    assert misses <= 3 * 4 and hits >= 3 * 2 * 4
     assert history(tmp_path / "cached") == pytest.approx(history(tmp_path / "plain"), rel=1e-5)
 
 
