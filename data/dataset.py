@@ -125,6 +125,20 @@ class StudyDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def text_lengths(self) -> list[int]:
+        """Text tokens of each record's prompt and target (choices in their stored order; image
+        tokens not counted), read without loading a volume: what length grouping sorts by. A
+        malformed record counts 0 here and raises its DataError when it is loaded."""
+        out = []
+        for rec in self.records:
+            try:
+                question, target = format_record(rec, self._task(rec))
+            except (DataError, AttributeError, TypeError):
+                out.append(0)
+                continue
+            out.append(len(self.tokenizer(f"{question}\n{target}", add_special_tokens=False)["input_ids"]))
+        return out
+
     def _id(self, i: int) -> str:
         rec = self.records[i]
         return str(rec.get("id", f"#{i}")) if isinstance(rec, dict) else f"#{i}"

@@ -4,7 +4,8 @@
     TextDataset(records, tokenizer, max_len, task, vqa_mode, shuffle, context)[i] -> {input_ids, attention_mask, labels} [L]
     TextCollator(pad_token_id)(samples) -> {input_ids [B,L], attention_mask [B,L], labels [B,L] (-100 = pad)}
     TextCollator(pad_token_id, pack=True)(samples) -> {input_ids, labels, position_ids} [R,L], R <= B rows
-    EpochSampler(n, seed): a permutation of range(n) that depends only on (seed, epoch)
+    EpochSampler(n, seed[, lengths, group]): a permutation of range(n) that depends only on (seed, epoch),
+        optionally grouped by length into global batches of `group`
     build_train_data(cfg, tokenizer, num_visual_tokens) -> (dataset, collate_fn)
     make_loader(dataset, collate_fn, cfg) -> (DataLoader, EpochSampler)
 
@@ -50,12 +51,27 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 class EpochSampler(Sampler[int]):
-    """Indices of one epoch: a permutation seeded by (seed, epoch), or range(n) when not shuffling."""
+    """Indices of one epoch: a permutation seeded by (seed, epoch), or range(n) when not shuffling.
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+    Length grouping (`lengths` given, `group` = the global batch, per-process batch x processes):
+    the permutation is cut into windows of `window` global batches; each window is sorted by
+    length (longest first, stable) and cut into global batches, whose order within the window is
+    then shuffled. Each step's batch then holds samples of about one length, so little of it is
+    padding, while the samples still come from a random window of the epoch (the megabatch
+    scheme of Hugging Face's LengthGroupedSampler, with the batches of a window shuffled too).
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, lengths: Sequence[int] | None = None,
+                 group: int = 1, window: int = 50) -> None:
         if n < 1:
             raise ValueError(f"EpochSampler needs at least one sample, got n={n}")
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"EpochSampler: {len(lengths)} lengths for {n} samples")
+        if group < 1 or window < 1:
+            raise ValueError(f"EpochSampler: group and window must be >= 1, got {group} and {window}")
         self.n, self.seed, self.shuffle, self.epoch = int(n), int(seed), bool(shuffle), 0
+        self.lengths = None if lengths is None else [int(x) for x in lengths]
+        self.group, self.window = int(group), int(window)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -64,7 +80,17 @@ class EpochSampler(Sampler[int]):
         if not self.shuffle:
             return iter(range(self.n))
         g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g).tolist()
+        if self.lengths is None:
+            return iter(order)
+        size = self.group * self.window
+        grouped: list[int] = []
+        for start in range(0, self.n, size):
+            window = sorted(order[start:start + size], key=lambda i: -self.lengths[i])
+            batches = [window[b:b + self.group] for b in range(0, len(window), self.group)]
+            for b in torch.randperm(len(batches), generator=g).tolist():
+                grouped.extend(batches[b])
+        return iter(grouped)
 
     def __len__(self) -> int:
         return self.n
@@ -126,6 +152,14 @@ class TextDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def text_lengths(self) -> list[int]:
+        """Tokens per sample, with the choices in their stored order (for length grouping)."""
+        shuffle, self.shuffle = self.shuffle, False
+        try:
+            return [len(self[i]["input_ids"]) for i in range(len(self))]
+        finally:
+            self.shuffle = shuffle
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         rec = shuffle_choices(self.records[i]) if self.shuffle else self.records[i]
@@ -225,13 +259,21 @@ def build_train_data(cfg: RunConfig, tokenizer: Any, num_visual_tokens: int) -> 
     return ds, Collator(tokenizer.pad_token_id)
 
 
-def make_loader(dataset: Dataset, collate_fn: Callable, cfg: RunConfig) -> tuple[DataLoader, EpochSampler]:
-    """A DataLoader of per-process batches of `train.batch_size`, ordered by an EpochSampler."""
+def make_loader(dataset: Dataset, collate_fn: Callable, cfg: RunConfig,
+                processes: int = 1) -> tuple[DataLoader, EpochSampler]:
+    """A DataLoader of per-process batches of `train.batch_size`, ordered by an EpochSampler
+    (grouped by text length when train.group_by_length; `processes` sets the global batch)."""
     if len(dataset) < cfg.train.batch_size:
         raise ValueError(
             f"data.train has {len(dataset)} samples, fewer than train.batch_size={cfg.train.batch_size}"
         )
-    sampler = EpochSampler(len(dataset), cfg.train.seed)
+    lengths = None
+    if cfg.train.group_by_length:
+        if not hasattr(dataset, "text_lengths"):
+            raise ValueError(f"train.group_by_length: {type(dataset).__name__} has no text_lengths()")
+        lengths = dataset.text_lengths()
+    sampler = EpochSampler(len(dataset), cfg.train.seed, lengths=lengths,
+                           group=cfg.train.batch_size * cfg.train.grad_accum * processes)
     workers = int(cfg.data.num_workers)
     loader = DataLoader(
         dataset,

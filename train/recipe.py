@@ -315,7 +315,7 @@ def run_training(cfg: RunConfig) -> Path:
         elif t.distill_weight > 0 and cfg.model.vote_mi.teacher == "off":
             log.warning("train.distill_weight=%s but model.vote_mi.teacher=off: no distillation term", t.distill_weight)
         dataset, collate = build_train_data(cfg, vlm.tokenizer, vlm.num_visual_tokens)
-        loader, sampler = make_loader(dataset, collate, cfg)
+        loader, sampler = make_loader(dataset, collate, cfg, accelerator.num_processes)
         optimizer = torch.optim.AdamW(param_groups(module, vlm, cfg), lr=t.lr)
         scheduler = get_cosine_schedule_with_warmup(optimizer, min(t.warmup_steps, t.max_steps), t.max_steps)
         ds = _deepspeed_config(accelerator)

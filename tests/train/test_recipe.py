@@ -74,6 +74,26 @@ def test_epoch_sampler_depends_on_seed_and_epoch_only() -> None:
         EpochSampler(0, seed=0)
 
 
+def test_length_grouped_sampler_batches_samples_of_one_length() -> None:
+    lengths = [int(x) for x in torch.randint(10, 100, (400,), generator=torch.Generator().manual_seed(0))]
+    spread = lambda order: sum(max(lengths[i] for i in order[b:b + 8]) - min(lengths[i] for i in order[b:b + 8])
+                               for b in range(0, 400, 8)) / 50  # noqa: E731
+    plain, grouped = EpochSampler(400, seed=1), EpochSampler(400, seed=1, lengths=lengths, group=8, window=10)
+    order = list(grouped)
+    assert sorted(order) == list(range(400)) and order == list(EpochSampler(400, 1, lengths=lengths, group=8, window=10))
+    assert spread(order) < 0.25 * spread(list(plain))  # measured: about 7 against 70
+    window = set(list(plain)[:80])  # the first window of 10 batches holds the plain order's first 80
+    assert set(order[:80]) == window
+    firsts = [lengths[order[b]] for b in range(0, 80, 8)]
+    assert firsts != sorted(firsts, reverse=True)  # the window's batches are shuffled, not longest first
+    grouped.set_epoch(1)
+    assert list(grouped) != order
+    with pytest.raises(ValueError, match="lengths"):
+        EpochSampler(4, seed=0, lengths=[1, 2])
+    with pytest.raises(ValueError, match="group and window"):
+        EpochSampler(4, seed=0, lengths=[1, 2, 3, 4], group=0)
+
+
 def test_text_dataset_supervises_every_token_and_pads_with_ignore(phantom) -> None:
     from medvlm3d.model.llm import load_tokenizer
 
@@ -178,6 +198,24 @@ def test_packed_text_batch_gives_the_padded_logits_and_loss(phantom) -> None:
     assert torch.allclose(lk[r, a:a + lengths[0]], lp[0, :lengths[0]], atol=1e-5)
     with pytest.raises(ValueError, match="empty"):
         TextCollator(tok.pad_token_id, pack=True)([])
+
+
+@pytest.mark.parametrize("stage", ["stage0_text", "stage2_finetune"])
+def test_group_by_length_cuts_the_padding_of_a_loader(phantom, stage) -> None:
+    from medvlm3d.model.llm import load_tokenizer
+    from medvlm3d.train.data import build_train_data, make_loader
+
+    padding = {}
+    for grouped in (False, True):
+        cfg = tiny(phantom, Path("unused"), stage, "all", "train.batch_size=4", "data.text_packing=false",
+                   f"train.group_by_length={grouped}")
+        dataset, collate = build_train_data(cfg, load_tokenizer(cfg.model.llm), 4)
+        loader, sampler = make_loader(dataset, collate, cfg)
+        assert (sampler.lengths is not None) == grouped
+        batches = list(loader)
+        assert sum(len(b["input_ids"]) for b in batches) == len(dataset) // 4 * 4
+        padding[grouped] = sum(int((b["attention_mask"] == 0).sum()) for b in batches)
+    assert padding[True] < 0.5 * padding[False], padding
 
 
 def test_param_groups_use_per_component_lrs(phantom) -> None:
