@@ -7,7 +7,7 @@
     EpochSampler(n, seed[, lengths, group]): a permutation of range(n) that depends only on (seed, epoch),
         optionally grouped by length into global batches of `group`
     build_train_data(cfg, tokenizer, num_visual_tokens) -> (dataset, collate_fn)
-    make_loader(dataset, collate_fn, cfg) -> (DataLoader, EpochSampler)
+    make_loader(dataset, collate_fn, cfg, processes=1) -> (DataLoader, EpochSampler)
 
 Stages: `stage0_text` reads each record as plain LM text (the question and its target rendered by
 the tokenizer's chat template without any image, every token supervised; with
