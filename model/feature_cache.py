@@ -16,8 +16,9 @@ Inputs shared by several cached functions are hashed once: `keys = row_keys(...)
 `run(..., keys=keys)` for each (MedVLM caches the slice encoder and the Vote-MI teacher, a
 parameter-free function of the slices, under the same keys).
 
-A module is cached only when it is frozen (no parameter requires grad) and deterministic (no dropout, drop-path or batch-norm in training mode; `MedVLM.train()` holds those
-layers of a frozen encoder in eval mode): `check_cacheable` says why not. The cache does not
+A module is cached only when it is frozen (no parameter requires grad) and deterministic (no
+dropout, drop-path or batch-norm in training mode; `MedVLM.train()` holds those layers of a
+frozen encoder in eval mode): `check_cacheable` says why not. The cache does not
 survive the process; with DeepSpeed ZeRO-3 it must stay off, since every rank must run
 each partitioned module's forward together (`train/recipe.py` enables it).
 """

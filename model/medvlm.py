@@ -282,7 +282,7 @@ class MedVLM(nn.Module):
             return self.vote_mi.teacher(self._vote_features(slices, feats, mask), mask, plane)
 
         def intensity_teacher(s: torch.Tensor, m: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-            return self.vote_mi.teacher(intensity_features(s, size=self.cfg.model.vote_mi.feature_size, mask=m), m, p)
+            return self.vote_mi.teacher(self._vote_features(s, feats, m), m, p)  # feats unused on intensity
 
         return self.feature_cache.run("vote_mi", intensity_teacher, slices, mask, plane, keys=keys)
 

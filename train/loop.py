@@ -126,11 +126,11 @@ def micro_batch_loss(
         terms = {k: v.detach().float() / scale for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
         return out["loss"], terms
     labels = batch["labels"]
-    if stage == "stage0_text":
-        text = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        logits, out = model(**text), None
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if stage == "stage0_text":  # padded (attention_mask) or packed (position_ids) text
+        logits, out = model(**inputs), None
     else:
-        out = model(**{k: v for k, v in batch.items() if k != "labels"})
+        out = model(**inputs)
         logits = out.logits
     lm = lm_loss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=n_tokens.clamp(min=1))
     loss, share = lm * scale, lm.detach()
