@@ -1,5 +1,6 @@
 """Reading probe for a stage-0 text export: can its LLM answer a closed question from the study's
-report, before any image is involved? The demo's final closed-VQA follows this figure (README).
+report, before any image is involved? It tells, in one text stage instead of a whole demo,
+whether the text stage has learnt to read at all (README, "The demo").
 
     python bench/probe_text.py --checkpoint runs/demo/stage0_text/final \\
         --test runs/demo/data/test/manifest.jsonl
