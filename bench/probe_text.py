@@ -51,7 +51,7 @@ def probe(checkpoint: str, manifest: str) -> dict[str, dict[str, float]]:
         for r in closed:
             question, target = format_record(r, "vqa")
             prompt = f"{reports[r['image']]}\n{question}" if with_report else question
-            kind = str(r.get("question_type", "all"))
+            kind = str(r.get("question_type") or "untyped")  # never "all", which counts every record
             hit = answer_letter(model.llm, model.tokenizer, prompt) == target[:1]
             hits[kind] += hit
             hits["all"] += hit
