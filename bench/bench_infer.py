@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from medvlm3d.data.config import load_config
+from medvlm3d.config import load_config
 from medvlm3d.data.readers import read_records
 from medvlm3d.data.synthetic import corpus_texts, make_dataset
 from medvlm3d.data.tokenizer import train_tokenizer

@@ -162,7 +162,7 @@ def _step(model: Any, batch: dict[str, Any], opt: Any, count: dict[str, int] | N
 def child(spec: dict[str, Any]) -> dict[str, int]:
     import torch
 
-    from medvlm3d.data.config import load_config
+    from medvlm3d.config import load_config
     from medvlm3d.eval.estimate import VocabStub
     from medvlm3d.model.medvlm import MedVLM
 
@@ -231,7 +231,7 @@ def run_case(name: str, vocab: int, threads: int) -> dict[str, int]:
 
 
 def estimate_rows(name: str, vocab: int) -> dict[str, float]:
-    from medvlm3d.data.config import load_config
+    from medvlm3d.config import load_config
     from medvlm3d.eval.estimate import GiB, estimate_memory
 
     spec = CASES[name]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from medvlm3d.data.config import load_config
+from medvlm3d.config import load_config
 from medvlm3d.data.tokenizer import train_tokenizer
 from medvlm3d.model.medvlm import build_model
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medvlm3d.data.config import DataConfig
+from medvlm3d.config import DataConfig
 from medvlm3d.data.volume import load_study
 
 

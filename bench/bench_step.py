@@ -109,7 +109,7 @@ def tgis_seconds(model: Any, batch: dict[str, Any], top_k: int, repeats: int = 5
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from medvlm3d.data.config import load_config
+    from medvlm3d.config import load_config
     from medvlm3d.model.medvlm import build_model
 
     torch.set_num_threads(spec["threads"])

@@ -94,7 +94,7 @@ def distinct_studies(records: list[dict[str, Any]]) -> list[int]:
 def fill_cache(overrides: list[str]) -> tuple[int, float, int]:
     """Load every distinct study once through StudyDataset (fills data.cache_dir)
     -> (studies, seconds per study, train.batch_size)."""
-    from medvlm3d.data.config import load_config
+    from medvlm3d.config import load_config
     from medvlm3d.data.dataset import StudyDataset
     from medvlm3d.model.llm import load_tokenizer
     from medvlm3d.train.data import read_train_records
@@ -131,7 +131,7 @@ def measure_in_process(overrides: list[str], warmup: int, steps: int, threads: i
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
-    from medvlm3d.data.config import load_config
+    from medvlm3d.config import load_config
     from medvlm3d.train.data import build_train_data, make_loader
     from medvlm3d.train.loop import Loop, Progress, StopFlag, lm_loss_function
     from medvlm3d.train.recipe import build_stage_model, make_accelerator, param_groups, teardown
@@ -207,7 +207,7 @@ def free_port() -> int:
 
 def launch(overrides: list[str], out: Path, processes: int, threads: int, warmup: int, steps: int) -> dict[str, Any]:
     """A real `medvlm3d.train` run (1 process, or 2 under accelerate launch + cpu_ddp.yaml)."""
-    from medvlm3d.data.config import config_dir
+    from medvlm3d.config import config_dir
 
     prefix = [sys.executable, "-m", "medvlm3d.train"]
     if processes > 1:

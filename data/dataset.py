@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from .config import DataConfig
+from medvlm3d.config import DataConfig
 from .errors import DataError
 from .prompts import encode_example, format_record, image_token_id, shuffle_choices
 

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import DataConfig, load_config
+from medvlm3d.config import DataConfig, load_config
 from .errors import ConfigError, DataError
 from .readers import KINDS, read_records_report
 

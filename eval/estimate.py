@@ -83,7 +83,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medvlm3d.data.config import RunConfig, load_config
+from medvlm3d.config import RunConfig, load_config
 
 log = logging.getLogger(__name__)
 

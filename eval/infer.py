@@ -43,7 +43,7 @@ from typing import Any, Sequence
 
 import torch
 
-from medvlm3d.data.config import PLANES, DataConfig
+from medvlm3d.config import PLANES, DataConfig
 from medvlm3d.data.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -40,7 +40,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from medvlm3d.data.config import PLANES
+from medvlm3d.config import PLANES
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from medvlm3d.data.config import RunConfig, load_config
+from medvlm3d.config import RunConfig, load_config
 from medvlm3d.data.errors import ConfigError, DataError
 
 __version__ = "0.1.0"

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from medvlm3d.data.config import load_config, save_config
+from medvlm3d.config import load_config, save_config
 
 log = logging.getLogger(__name__)
 

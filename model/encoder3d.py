@@ -51,8 +51,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-from medvlm3d.data.config import PRESETS, Encoder3DConfig
-from medvlm3d.model.registry import Registry
+from medvlm3d.config import PRESETS, Encoder3DConfig
+from medvlm3d.registry import Registry
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import torch
 from einops import rearrange, reduce
 from torch import nn
 
-from medvlm3d.data.config import InterSliceConfig
+from medvlm3d.config import InterSliceConfig
 
 
 def sinusoid(pos: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -39,8 +39,8 @@ from transformers import (
     Qwen2Config,
 )
 
-from medvlm3d.data.config import LLMConfig, LoRAConfig
-from medvlm3d.model.registry import Registry
+from medvlm3d.config import LLMConfig, LoRAConfig
+from medvlm3d.registry import Registry
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
-from medvlm3d.data.config import RunConfig
+from medvlm3d.config import RunConfig
 from medvlm3d.model.encoder3d import build_encoder3d, load_encoder3d_weights
 from medvlm3d.model.feature_cache import FeatureCache, check_cacheable, row_keys
 from medvlm3d.model.inter_slice import InterSlice

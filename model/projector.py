@@ -20,7 +20,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from medvlm3d.data.config import ProjectorConfig
+from medvlm3d.config import ProjectorConfig
 
 
 def projected_grid(grid: Sequence[int], pool: Sequence[int]) -> tuple[int, int, int]:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from einops import rearrange, reduce, repeat
 from torch import nn
 
-from medvlm3d.data.config import SliceEncoderConfig
+from medvlm3d.config import SliceEncoderConfig
 from medvlm3d.model.encoder3d import read_state_dict
 
 logger = logging.getLogger(__name__)

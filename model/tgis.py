@@ -36,7 +36,7 @@ import torch
 from einops import rearrange, reduce
 from torch import nn
 
-from medvlm3d.data.config import PLANES, TGISConfig
+from medvlm3d.config import PLANES, TGISConfig
 from medvlm3d.model.inter_slice import sinusoid
 
 log = logging.getLogger(__name__)

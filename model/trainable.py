@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
-from medvlm3d.data.config import TrainablePolicy
+from medvlm3d.config import TrainablePolicy
 
 log = logging.getLogger(__name__)
 

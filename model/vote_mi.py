@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from medvlm3d.data.config import PLANES, VoteMIConfig
+from medvlm3d.config import PLANES, VoteMIConfig
 
 log = logging.getLogger(__name__)
 

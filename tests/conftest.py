@@ -8,7 +8,7 @@ from typing import Callable
 
 import pytest
 
-from medvlm3d.data.config import RunConfig, load_config
+from medvlm3d.config import RunConfig, load_config
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import medvlm3d
-from medvlm3d.data.config import ConfigError, RunConfig, config_dir, load_config
+from medvlm3d.config import ConfigError, RunConfig, config_dir, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def test_non_editable_install_imports(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr[-2000:]
     code = (
-        "import medvlm3d, medvlm3d.data.config as c; "
+        "import medvlm3d, medvlm3d.config as c; "
         "assert medvlm3d.__file__.startswith(%r), medvlm3d.__file__; "
         "print(c.load_config('demo').model.variant)" % str(target)
     )

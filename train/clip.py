@@ -42,7 +42,7 @@ import torch
 from einops import reduce
 from torch import nn
 
-from medvlm3d.data.config import RunConfig
+from medvlm3d.config import RunConfig
 from medvlm3d.model.medvlm import MedVLM
 from medvlm3d.train.losses import contrastive_loss
 

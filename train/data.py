@@ -35,7 +35,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from medvlm3d.data.config import RunConfig
+from medvlm3d.config import RunConfig
 from medvlm3d.data.errors import DataError
 from medvlm3d.data.prompts import IGNORE_INDEX, encode_example, format_record, shuffle_choices
 

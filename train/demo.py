@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from medvlm3d.data.config import load_config
+from medvlm3d.config import load_config
 
 log = logging.getLogger(__name__)
 

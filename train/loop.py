@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from medvlm3d.data.config import RunConfig
+from medvlm3d.config import RunConfig
 from medvlm3d.data.prompts import IGNORE_INDEX
 from medvlm3d.train.checkpointing import write_checkpoint
 from medvlm3d.train.data import epoch_seed

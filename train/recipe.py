@@ -51,7 +51,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from medvlm3d.data.config import RunConfig, load_config, save_config, to_dict
+from medvlm3d.config import RunConfig, load_config, save_config, to_dict
 from medvlm3d.train.checkpointing import MARKER, complete_checkpoints, latest_complete, read_progress
 from medvlm3d.train.loop import Loop, Progress, TrainingDiverged, checkpoint_writer, exported, lm_loss_function, stage_module
 

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerFast
 
 from medvlm3d.data import volume as volume_mod
 from medvlm3d.data.collate import Collator
-from medvlm3d.data.config import DataConfig
+from medvlm3d.config import DataConfig
 from medvlm3d.data.dataset import StudyDataset, slice_targets
 from medvlm3d.data.errors import DataError
 from medvlm3d.data.prompts import IGNORE_INDEX, encode_prompt, image_token_id

@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 import medvlm3d.data.volume as V
-from medvlm3d.data.config import DataConfig
+from medvlm3d.config import DataConfig
 from medvlm3d.data.errors import DataError
 from medvlm3d.data.volume import Study, build_transforms, load_study, load_volume, load_volume_from_config, slice_views
 

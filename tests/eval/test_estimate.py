@@ -8,7 +8,7 @@ import time
 import pytest
 
 from medvlm3d.cli import main
-from medvlm3d.data.config import load_config
+from medvlm3d.config import load_config
 from medvlm3d.eval.estimate import ALL, GiB, LayerShape, estimate_memory, layer_bytes
 
 

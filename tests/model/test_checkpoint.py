@@ -13,7 +13,7 @@ import torch
 import medvlm3d
 from medvlm3d.data.collate import Collator
 from medvlm3d.data.dataset import StudyDataset
-from medvlm3d.data.config import load_config
+from medvlm3d.config import load_config
 from medvlm3d.model import checkpoint as ckpt
 from medvlm3d.model.medvlm import MedVLM, build_model
 

@@ -10,7 +10,7 @@ import torch
 from monai.networks.nets import ViT
 from safetensors.torch import save_file
 
-from medvlm3d.data.config import ConfigError, Encoder3DConfig
+from medvlm3d.config import ConfigError, Encoder3DConfig
 from medvlm3d.model.encoder3d import (
     ENCODERS3D,
     build_encoder3d,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from medvlm3d.data.config import InterSliceConfig
+from medvlm3d.config import InterSliceConfig
 from medvlm3d.model.inter_slice import InterSlice, sinusoid
 
 D, T = 16, 4

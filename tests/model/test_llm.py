@@ -12,7 +12,7 @@ from peft import PeftModel
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import BertConfig, BertModel, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2ForCausalLM
 
-from medvlm3d.data.config import LLMConfig, LoRAConfig, TrainablePolicy
+from medvlm3d.config import LLMConfig, LoRAConfig, TrainablePolicy
 from medvlm3d.model.llm import (
     IMAGE_TOKEN,
     LLM_ARCHS,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from medvlm3d.data.config import ProjectorConfig
+from medvlm3d.config import ProjectorConfig
 from medvlm3d.model.projector import Projector2D, Projector3D, build_mlp, projected_grid
 
 

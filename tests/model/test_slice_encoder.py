@@ -7,7 +7,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from medvlm3d.data.config import SliceEncoderConfig
+from medvlm3d.config import SliceEncoderConfig
 from medvlm3d.model.slice_encoder import SliceEncoder
 
 TINY_VIT = dict(model_name="vit_tiny_patch16_224",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medvlm3d.data.config import TGISConfig
+from medvlm3d.config import TGISConfig
 from medvlm3d.model.tgis import TGIS, TGISOutput, masked_softmax, slice_descriptors, slice_groups
 
 GRID = (4, 2, 3)  # d, h, w -> 24 tokens

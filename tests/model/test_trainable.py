@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from medvlm3d.data.config import ConfigError, LoRAConfig, TrainablePolicy
+from medvlm3d.config import ConfigError, LoRAConfig, TrainablePolicy
 from medvlm3d.model.llm import apply_lora
 from medvlm3d.model.trainable import (
     apply_trainable_policy,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from medvlm3d.data.config import VoteMIConfig
+from medvlm3d.config import VoteMIConfig
 from medvlm3d.model.vote_mi import (
     VoteMI,
     greedy_picks,

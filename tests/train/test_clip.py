@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from medvlm3d.data.collate import Collator
-from medvlm3d.data.config import RunConfig, load_config
+from medvlm3d.config import RunConfig, load_config
 from medvlm3d.data.dataset import StudyDataset
 from medvlm3d.data.readers import read_records
 from medvlm3d.data.synthetic import corpus_texts, make_dataset

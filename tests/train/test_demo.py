@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from medvlm3d.cli import main
-from medvlm3d.data.config import load_config
+from medvlm3d.config import load_config
 from medvlm3d.train.demo import STAGE_SETTINGS, STAGES, TARGETS
 
 

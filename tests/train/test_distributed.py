@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medvlm3d.data.config import config_dir, load_config
+from medvlm3d.config import config_dir, load_config
 from medvlm3d.data.readers import write_manifest
 from medvlm3d.train.checkpointing import complete_checkpoints, read_progress
 from medvlm3d.train.recipe import run_training

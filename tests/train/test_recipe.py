@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medvlm3d.data.config import load_config
+from medvlm3d.config import load_config
 from medvlm3d.data.errors import DataError
 from medvlm3d.data.readers import read_records, write_manifest
 from medvlm3d.train import loop as loop_mod
