@@ -10,8 +10,10 @@ PACKAGES = {
     "medvlm3d": "medvlm3d",
     "medvlm3d.model": "model",
     "medvlm3d.data": "data",
+    "medvlm3d.data.formats": "data/formats",
     "medvlm3d.train": "train",
     "medvlm3d.eval": "eval",
+    "medvlm3d.eval.metrics": "eval/metrics",
     "medvlm3d.configs": "configs",
 }
 

@@ -40,7 +40,7 @@ class DataConfig:
     train: str = ""
     val: str = ""
     test: str = ""
-    kind: str = "auto"  # auto | manifest | m3d_cap | m3d_vqa | ct_rate
+    kind: str = "auto"  # auto | a format registered in data/formats/ (checked when read: plugins may add one)
     train_split: str = ""  # split inside a multi-split source: M3D-Cap train|validation|test, CT-RATE train|valid
     eval_split: str = ""  # the same for `val` / `test` sources
     data_root: str = ""
@@ -70,7 +70,6 @@ class DataConfig:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        _check_choice("data.kind", self.kind, ("auto", "manifest", "m3d_cap", "m3d_vqa", "ct_rate"))
         _check_choice("data.task", self.task, ("", "report", "vqa", "vqa_closed", "vqa_open"))
         _check_choice("data.vqa_mode", self.vqa_mode, ("closed", "open"))
         _check_choice("data.ct_rate_target", self.ct_rate_target, ("findings", "findings_impressions"))

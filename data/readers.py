@@ -3,7 +3,8 @@
     read_records(source, kind="auto", *, data_root=None, split=None, vqa_mode="closed",
                  ct_rate_target="findings", skip_bad_records=False, check_files=True) -> list[dict]
     read_records_report(..., allow_empty=False) -> ReadReport(records, skipped, errors, kind, source)
-    detect_kind(source) -> "manifest" | "m3d_cap" | "m3d_vqa" | "ct_rate"
+    detect_kind(source) -> "manifest" | "m3d_cap" | "m3d_vqa" | "ct_rate" | <a registered format>
+    get_format(kind) -> DatasetFormat (data/formats/); resolve_source(source, kind, split, train=) -> (kind, split)
     validate_record(rec, where, *, check_files=False) -> normalised copy of rec (or DataError)
     write_manifest(records, path) -> Path         (JSONL, UTF-8, atomic)
 
@@ -15,33 +16,32 @@ A record (one study) is a dict:
     indices at native depth; or one list per image), meta: dict.
 Readers keep the raw fields; prompts are built later (data/prompts.py).
 
-Kinds are detected from content and layout, never from substrings of names: a `.jsonl` file is
-a manifest; a `.json` file holding {"train"|"validation"|"test": [{"image", "text"}, ...]} is
-M3D-Cap; a `.csv` whose header has the M3D-VQA columns is M3D-VQA; a folder holding
-`radiology_text_reports/` (itself, or through `dataset/`) is a CT-RATE root. Format details live
-in data/m3d.py and data/ct_rate.py, which yield (where, build) pairs; this module validates each
-record, resolves duplicates and, with `skip_bad_records`, logs and counts the bad ones.
+Formats are registered in `medvlm3d.data.formats.DATASETS` (one file each in data/formats/:
+manifest, m3d_cap, m3d_vqa, ct_rate, or any format a test or plugin registers). kind="auto" asks
+them in their documented order (data/formats/__init__.py) and reads with the first whose
+`detect` says yes, from content and layout, never from substrings of names. A format yields
+(where, build) candidates; this module validates each record, resolves relative image paths
+against the format's `base_dir`, resolves duplicates and, with `skip_bad_records`, logs and
+counts the bad ones.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
 Record = dict[str, Any]
-Candidate = tuple[str, Callable[[], Record]]  # (where, build): build() -> raw record or DataError
+Candidate = tuple[str, Any]  # (where, build): see data/formats/base.py
 
-KINDS = ("manifest", "m3d_cap", "m3d_vqa", "ct_rate")
 TASKS = ("report", "vqa")
 VQA_MODES = ("closed", "open")
 CT_RATE_TARGETS = ("findings", "findings_impressions")
@@ -49,11 +49,6 @@ CHOICE_LETTERS = "ABCDEFGHIJ"  # as in data/prompts.py
 REQUIRED_KEYS = ("id", "image", "task", "question", "answer")
 OPTIONAL_KEYS = ("choices", "answer_choice", "question_type", "label", "labels", "slice_labels", "meta")
 REPORT_QUESTION = "Write the findings of this scan."
-_KIND_HELP = (
-    "manifest (a .jsonl file), m3d_cap (M3D_Cap.json: {train/validation/test: [{image, text}]}), "
-    "m3d_vqa (an M3D-VQA .csv with columns Image Path, ..., Answer Choice), "
-    "ct_rate (a CT-RATE folder holding radiology_text_reports/, or its parent holding dataset/)"
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,52 +175,6 @@ def _check_files(rec: Record, where: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# CSV helpers (shared by data/m3d.py and data/ct_rate.py)
-
-
-def csv_header(path: Path) -> list[str]:
-    """The stripped column names of a UTF-8 CSV (BOM allowed); DataError if unreadable."""
-    try:
-        with path.open(encoding="utf-8-sig", newline="") as fh:
-            return [c.strip() for c in next(csv.reader(fh), [])]
-    except UnicodeDecodeError as e:  # the first block is decoded at once: the bad byte may be in a row
-        raise DataError(f"{path}: not valid UTF-8 ({e.reason}, in its first {len(e.object)} bytes); expected a "
-                        "UTF-8 CSV") from e
-    except (OSError, csv.Error) as e:
-        raise DataError(f"cannot read the header of CSV {path}: {e}") from e
-
-
-def csv_rows(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, str] | str]]:
-    """(line, row) for each data row of a UTF-8 CSV; `row` is a dict of stripped column names.
-
-    A row whose field count differs from the header comes as a message string instead, so that
-    only that record fails. A missing file, missing `required` columns, bytes that are not UTF-8
-    or broken quoting fail the whole file with a DataError naming it.
-    """
-    if not path.is_file():
-        raise DataError(f"CSV file not found: {path}")
-    header = csv_header(path)
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; expected columns {list(required)}, found {header}")
-    with path.open(encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh)
-        try:
-            next(reader)
-            for values in reader:
-                if not values:
-                    continue
-                if len(values) != len(header):
-                    yield reader.line_num, f"row has {len(values)} fields, the header has {len(header)}"
-                else:
-                    yield reader.line_num, dict(zip(header, values))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not valid UTF-8 after line {reader.line_num} ({e.reason})") from e
-        except csv.Error as e:
-            raise DataError(f"{path} line {reader.line_num}: malformed CSV ({e})") from e
-
-
-# --------------------------------------------------------------------------------------------
 # reading
 
 
@@ -243,72 +192,40 @@ class ReadReport:
         return len(self.errors)
 
 
+def get_format(kind: str) -> Any:
+    """The registered `DatasetFormat` named `kind`; ConfigError listing the names if unknown."""
+    from .formats import DATASETS
+
+    if kind not in DATASETS:
+        raise ConfigError(f"data.kind must be one of {['auto', *DATASETS.names()]}, got {kind!r}")
+    return DATASETS.build(kind)
+
+
 def detect_kind(source: str | os.PathLike[str]) -> str:
-    """The kind of `source`, from its content and layout (see the module docstring)."""
-    from .ct_rate import REPORT_COLUMNS, find_ct_rate_dataset
-    from .m3d import VQA_REQUIRED, is_m3d_cap_json
+    """The name of the first registered format (in detection order) that says `source` is its."""
+    from .formats import DATASETS, describe_formats, detection_order
 
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"data source {str(source)!r} does not exist")
-    if path.is_dir():
-        if find_ct_rate_dataset(path) is not None:
-            return "ct_rate"
-        raise DataError(f"cannot tell what dataset folder {path} is; supported kinds: {_KIND_HELP}")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return "manifest"
-    if suffix == ".json" and is_m3d_cap_json(path):
-        return "m3d_cap"
-    if suffix == ".csv":
-        header = csv_header(path)
-        if set(VQA_REQUIRED) <= set(header):
-            return "m3d_vqa"
-        if set(REPORT_COLUMNS) <= set(header):
-            raise DataError(
-                f"{path} is a CT-RATE reports CSV; pass the CT-RATE root (the folder holding dataset/ "
-                "or radiology_text_reports/) instead"
-            )
-    raise DataError(f"cannot tell what dataset file {path} is; supported kinds: {_KIND_HELP}")
+    for name in detection_order():
+        if DATASETS.build(name).detect(path):
+            return name
+    what = "folder" if path.is_dir() else "file"
+    raise DataError(f"cannot tell what dataset {what} {path} is; supported kinds: {describe_formats()}")
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
-def parse_json(text: str, where: str, what: str = "valid JSON") -> Any:
-    """Strict JSON (no NaN / Infinity); every failure (bad syntax, nesting too deep for the
-    parser, integers over Python's digit limit, NaN) is a DataError naming `where`."""
-    try:
-        return json.loads(text, parse_constant=_no_constant)
-    except json.JSONDecodeError as e:
-        at = f"line {e.lineno} column {e.colno}" if "\n" in text.strip() else f"column {e.colno}"
-        raise DataError(f"{where}: not {what} ({e.msg} at {at})") from e
-    except (ValueError, RecursionError) as e:
-        raise DataError(f"{where}: not {what} ({type(e).__name__}: {str(e)[:200]})") from e
-
-
-def _read_lines(path: Path) -> Iterator[Candidate]:
-    """Manifest lines as candidates; a bad line (bytes, JSON) fails only its own record."""
-    try:
-        fh = path.open("rb")
-    except OSError as e:
-        raise DataError(f"cannot open manifest {path}: {e}") from e
-    with fh:
-        for n, raw in enumerate(fh, start=1):
-            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            if not raw.strip():
-                continue
-
-            def build(raw: bytes = raw, where: str = f"{path} line {n}") -> Record:
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
-                return parse_json(text, where, "a valid JSON object")
-
-            yield f"{path} line {n}", build
+def resolve_source(
+    source: str | os.PathLike[str], kind: str, split: str | None, *, train: bool
+) -> tuple[str, str | None]:
+    """(kind, split) to read `source` with: "auto" detected; for a multi-split format `split`,
+    else (when `train`) the format's train split, else None (all splits); None for a
+    single-split format (a manifest file is one split already)."""
+    kind = detect_kind(source) if kind == "auto" else kind
+    fmt = get_format(kind)
+    if not fmt.splits:
+        return kind, None
+    return kind, split or (fmt.train_split if train else None)
 
 
 def _resolve(rec: Record, base: Path) -> Record:
@@ -342,6 +259,12 @@ def _collect(
             report.errors.append((where, str(e)))
 
 
+def _multi_split() -> str:
+    from .formats import DATASETS
+
+    return ", ".join(n for n in DATASETS.names() if DATASETS.get(n).splits)
+
+
 def read_records_report(
     source: str | os.PathLike[str],
     kind: str = "auto",
@@ -358,8 +281,8 @@ def read_records_report(
 
     `allow_empty`: return the report even when no record is usable (a validation pass lists
     every bad one) instead of raising DataError."""
-    if kind not in ("auto",) + KINDS:
-        raise ValueError(f"kind must be one of {['auto', *KINDS]}, got {kind!r}")
+    if kind != "auto":
+        get_format(kind)
     if vqa_mode not in VQA_MODES:
         raise ValueError(f"vqa_mode must be one of {list(VQA_MODES)}, got {vqa_mode!r}")
     if ct_rate_target not in CT_RATE_TARGETS:
@@ -368,30 +291,17 @@ def read_records_report(
     if not path.exists():
         raise DataError(f"data source {str(source)!r} does not exist")
     kind = detect_kind(path) if kind == "auto" else kind
+    fmt = get_format(kind)
     root = Path(data_root).expanduser() if data_root not in (None, "") else None
     if root is not None and not root.is_dir():
         raise DataError(f"data_root {str(data_root)!r} is not a folder")
-    if split is not None and kind in ("manifest", "m3d_vqa"):
-        raise ValueError(f"split applies to m3d_cap and ct_rate sources only; a {kind} file is one split already")
+    if split is not None and not fmt.splits:
+        raise ValueError(f"split applies to multi-split sources ({_multi_split()}) only; a {kind} file is one split "
+                         "already")
     report = ReadReport(records=[], kind=kind, source=str(path))
-    base: Path | None = None
-    candidates: Iterable[Candidate]
-    if kind == "manifest":
-        if not path.is_file():
-            raise DataError(f"manifest {path} must be a .jsonl file")
-        candidates, base = _read_lines(path), path.parent
-    elif kind == "m3d_cap":
-        from .m3d import m3d_cap_candidates
-
-        candidates = m3d_cap_candidates(path, root, split, check_files)
-    elif kind == "m3d_vqa":
-        from .m3d import m3d_vqa_candidates
-
-        candidates = m3d_vqa_candidates(path, root, vqa_mode, check_files)
-    else:
-        from .ct_rate import ct_rate_candidates
-
-        candidates = ct_rate_candidates(path, split, ct_rate_target)
+    options = {"vqa_mode": vqa_mode, "ct_rate_target": ct_rate_target, "check_files": check_files}
+    candidates = fmt.candidates(path, split=split, data_root=root, options=options)
+    base = fmt.base_dir(path)
     _collect(candidates, skip=skip_bad_records, check_files=check_files, base=base, report=report)
     if report.skipped:
         logger.warning("%s: skipped %d bad record(s), kept %d", path, report.skipped, len(report.records))
@@ -413,7 +323,8 @@ def read_records(
 ) -> list[Record]:
     """Read a dataset into manifest records (see the module docstring).
 
-    `kind`: "auto" | "manifest" | "m3d_cap" | "m3d_vqa" | "ct_rate". `data_root` overrides the
+    `kind`: "auto" or a registered format ("manifest" | "m3d_cap" | "m3d_vqa" | "ct_rate" | ...;
+    ConfigError listing them if unknown). `data_root` overrides the
     M3D data root (default: the parent of the json/csv's folder). `split`: M3D-Cap "train" |
     "validation" | "test", CT-RATE "train" | "valid"; None reads all. `vqa_mode` "open" drops the
     choices of M3D-VQA. `ct_rate_target` "findings_impressions" appends the impressions.

@@ -42,7 +42,7 @@ from typing import Any
 
 from medvlm3d.config import DataConfig, load_config
 from .errors import ConfigError, DataError
-from .readers import KINDS, read_records_report
+from .readers import get_format, read_records_report
 
 logger = logging.getLogger(__name__)
 
@@ -179,8 +179,8 @@ def validate_dataset(
     cfg = DataConfig() if cfg is None else cfg
     if not isinstance(cfg, DataConfig):
         raise ValueError(f"cfg must be a DataConfig (or None), got {type(cfg).__name__}")
-    if kind not in ("auto",) + KINDS:
-        raise ValueError(f"kind must be one of {['auto', *KINDS]}, got {kind!r}")
+    if kind != "auto":
+        get_format(kind)  # ConfigError listing the registered formats
     kind = cfg.kind if kind == "auto" else kind
     t0 = time.perf_counter()
     report = ValidationReport(source=str(source), kind=kind, volumes_checked=load_volumes)
@@ -218,8 +218,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None,
                         help="run config (YAML path or shipped name) whose data section sets the preprocessing "
                              "(size, hu_window, max_voxels, oversize, cache_dir...); default: the DataConfig defaults")
-    parser.add_argument("--kind", default=None, choices=("auto",) + KINDS,
-                        help="dataset kind (default: the config's data.kind, else detected)")
+    parser.add_argument("--kind", default=None,
+                        help="dataset kind: auto or a registered format (manifest, m3d_cap, m3d_vqa, ct_rate, ...; "
+                             "default: the config's data.kind, else detected)")
     parser.add_argument("--split", default=None,
                         help="M3D-Cap train|validation|test or CT-RATE train|valid (default: all splits)")
     parser.add_argument("--no-volumes", action="store_true", help="check the records only; load no volume")

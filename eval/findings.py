@@ -35,7 +35,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from medvlm3d.data.ct_rate import CT_RATE_LABELS
+from medvlm3d.data.formats.ct_rate import CT_RATE_LABELS
 from medvlm3d.data.errors import DataError
 from medvlm3d.data.synthetic import report_labels
 

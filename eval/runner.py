@@ -55,7 +55,7 @@ from typing import Any, Callable, ContextManager, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from medvlm3d.data.ct_rate import CT_RATE_LABELS
+from medvlm3d.data.formats.ct_rate import CT_RATE_LABELS
 from medvlm3d.data.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -363,11 +363,10 @@ def metrics_table(result: dict[str, Any]) -> str:
 
 def read_eval_records(source: str, cfg: Any, task: str, kind: str = "auto", split: str | None = None) -> list[dict]:
     """read_records with the checkpoint's data config; VQA tasks fix `vqa_mode` (M3D-VQA)."""
-    from medvlm3d.data.readers import detect_kind, read_records
+    from medvlm3d.data.readers import read_records, resolve_source
 
-    kind = detect_kind(source) if kind == "auto" else kind
-    if split is None and kind in ("m3d_cap", "ct_rate"):
-        split = cfg.eval_split or None
+    if split is None:  # data.eval_split, for a multi-split source only
+        kind, split = resolve_source(source, kind, cfg.eval_split or None, train=False)
     vqa_mode = {"vqa_closed": "closed", "vqa_open": "open"}.get(task, cfg.vqa_mode)
     return read_records(source, kind, data_root=cfg.data_root or None, split=split, vqa_mode=vqa_mode,
                         ct_rate_target=cfg.ct_rate_target, skip_bad_records=cfg.skip_bad_records)

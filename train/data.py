@@ -41,10 +41,6 @@ from medvlm3d.data.prompts import IGNORE_INDEX, encode_example, format_record, s
 
 log = logging.getLogger(__name__)
 
-# Sources whose files hold several splits: training reads the "train" split of these.
-_SPLIT_KINDS = {"m3d_cap": "train", "ct_rate": "train"}
-
-
 def epoch_seed(seed: int, epoch: int) -> int:
     """A well-mixed 63-bit seed for (seed, epoch)."""
     return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(2, dtype=np.uint64)[0] >> 1)
@@ -98,18 +94,19 @@ class EpochSampler(Sampler[int]):
 
 def read_train_records(cfg: RunConfig) -> list[dict[str, Any]]:
     """The training records of `cfg.data.train` (honours kind, data_root, vqa_mode,
-    ct_rate_target and skip_bad_records; multi-split sources give their "train" split)."""
-    from medvlm3d.data.readers import detect_kind, read_records_report
+    ct_rate_target and skip_bad_records; a multi-split source gives `data.train_split`, else its
+    format's train split)."""
+    from medvlm3d.data.readers import read_records_report, resolve_source
 
     d = cfg.data
     if not d.train:
         raise ValueError("data.train is empty: give a manifest (.jsonl), M3D-Cap json, M3D-VQA csv or CT-RATE root")
-    kind = detect_kind(d.train) if d.kind == "auto" else d.kind
+    kind, split = resolve_source(d.train, d.kind, d.train_split or None, train=True)
     report = read_records_report(
         d.train,
         kind,
         data_root=d.data_root or None,
-        split=_SPLIT_KINDS.get(kind),
+        split=split,
         vqa_mode=d.vqa_mode,
         ct_rate_target=d.ct_rate_target,
         skip_bad_records=d.skip_bad_records,

@@ -46,8 +46,8 @@ import medvlm3d.data.nifti as nifti_mod
 from medvlm3d import ConfigError, DataError, load_config
 from medvlm3d.cli import main as cli_main
 from medvlm3d.config import DataConfig
-from medvlm3d.data.ct_rate import CT_RATE_LABELS, METADATA_COLUMNS, REPORT_COLUMNS
-from medvlm3d.data.m3d import VQA_COLUMNS
+from medvlm3d.data.formats.ct_rate import CT_RATE_LABELS, METADATA_COLUMNS, REPORT_COLUMNS
+from medvlm3d.data.formats.m3d_vqa import VQA_COLUMNS
 from medvlm3d.data.readers import read_records, read_records_report
 from medvlm3d.data.validate import validate_dataset
 from medvlm3d.data.volume import load_study, load_volume, plan_strides

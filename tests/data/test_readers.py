@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medvlm3d.data.ct_rate import CT_RATE_LABELS, volume_path
+from medvlm3d.data.formats.ct_rate import CT_RATE_LABELS, volume_path
 from medvlm3d.data.errors import DataError
-from medvlm3d.data.m3d import extract_report
+from medvlm3d.data.formats.m3d_cap import extract_report
 from medvlm3d.data.readers import (
     REPORT_QUESTION,
     detect_kind,

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from medvlm3d.data.ct_rate import CT_RATE_LABELS
+from medvlm3d.data.formats.ct_rate import CT_RATE_LABELS
 from medvlm3d.data.errors import DataError
 from medvlm3d.data.synthetic import make_study
 from medvlm3d.eval import metrics

@@ -16,7 +16,7 @@ import torch
 
 from medvlm3d import build_model, load_pretrained
 from medvlm3d.cli import main
-from medvlm3d.data.ct_rate import CT_RATE_LABELS, volume_path
+from medvlm3d.data.formats.ct_rate import CT_RATE_LABELS, volume_path
 from medvlm3d.data.dataset import slice_targets
 from medvlm3d.data.errors import DataError
 from medvlm3d.eval.runner import (blind_partners, evaluate, format_table, label_set, parse_choice,

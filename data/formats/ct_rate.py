@@ -1,4 +1,4 @@
-"""CT-RATE reader: a CT-RATE root -> report record candidates (chest CT, NIfTI volumes).
+"""The CT-RATE format: a CT-RATE root -> report record candidates (chest CT, NIfTI volumes).
 
 Layout (shared/FORMATS.md), under `dataset/` (the root may be `dataset/` or its parent):
     {train,valid}/<patient>/<study>/<VolumeName>   e.g. valid/valid_1/valid_1_a/valid_1_a_1.nii.gz
@@ -19,6 +19,8 @@ One record per reports row, in file order:
      and rescale when the metadata CSV exists)}
 When a metadata / labels CSV exists, a volume missing from it is a bad record. Whether a volume
 already holds HU (the "known trap") is decided when loading it (data/volume.py), not here.
+Detected from layout: a folder holding `radiology_text_reports/` (itself, or through `dataset/`);
+a reports CSV passed on its own is refused with a message naming the root to pass instead.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
-from .errors import DataError
-from .readers import REPORT_QUESTION, Candidate, Record, csv_rows
+from ..errors import DataError
+from ..readers import REPORT_QUESTION
+from .base import DATASETS, Candidate, DatasetFormat, Record, csv_header, csv_rows
 
 logger = logging.getLogger(__name__)
 
@@ -183,3 +186,30 @@ def ct_rate_candidates(root: Path, split: str | None, target: str) -> Iterator[C
                 return rec
 
             yield where, build
+
+
+@DATASETS.register("ct_rate")
+class CTRate(DatasetFormat):
+    name = "ct_rate"
+    order = 40
+    splits = CT_RATE_SPLITS
+    train_split = "train"
+    help = "a CT-RATE folder holding radiology_text_reports/, or its parent holding dataset/"
+
+    def detect(self, source: Path) -> bool:
+        if source.is_dir():
+            return find_ct_rate_dataset(source) is not None
+        if source.suffix.lower() == ".csv" and set(REPORT_COLUMNS) <= set(csv_header(source)):
+            raise DataError(
+                f"{source} is a CT-RATE reports CSV; pass the CT-RATE root (the folder holding dataset/ "
+                "or radiology_text_reports/) instead"
+            )
+        return False
+
+    def base_dir(self, source: Path) -> Path | None:
+        return None  # volume paths are absolute already
+
+    def candidates(
+        self, source: Path, *, split: str | None, data_root: Path | None, options: Mapping[str, Any]
+    ) -> Iterator[Candidate]:
+        return ct_rate_candidates(source, split, options.get("ct_rate_target", "findings"))
