@@ -318,6 +318,9 @@ class EvalConfig:
     do_sample: bool = False
     temperature: float = 1.0
     bertscore_model: str = ""
+    # {task: [metric names]} replacing eval/runner.py's TASK_METRICS for that task; names are
+    # registered in eval/metrics/ (checked when scoring: plugins may add one)
+    metrics: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass

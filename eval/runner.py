@@ -18,7 +18,9 @@ training path: same prompt text, same volume loading with the record's CT rescal
 preprocessed tensor [1, D, H, W] per study, or the record's path(s) for multi-series studies and
 for `data.num_slices == -1` (then a CT-RATE rescale in `meta` is not applied).
 
-Metrics (eval/metrics.py): report -> M3D text metrics ("m3d"), COCO-caption metrics ("coco"),
+Metrics: the registered metrics (eval/metrics/) named per task in TASK_METRICS, or in the run
+config's `eval.metrics` ({task: [names]}, replacing that task's list), merged in order. By
+default: report -> M3D text metrics ("m3d"), COCO-caption metrics ("coco"),
 and clinical efficacy with the "phantom" extractor when every record carries phantom ground
 truth (`labels.lesion` and `meta.n_lesions`) or "ct_rate" when every record carries the 18
 CT-RATE `labels` ("clinical_efficacy": extracted from generated vs reference reports; for
@@ -46,25 +48,32 @@ import json
 import logging
 import os
 import random
-import re
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from medvlm3d.data.formats.ct_rate import CT_RATE_LABELS
-from medvlm3d.data.errors import DataError
+from medvlm3d.data.errors import ConfigError, DataError
+
+from .metrics.base import run_metrics
+from .metrics.classify import NO_LABEL, parse_choice, report_extractor
 
 log = logging.getLogger(__name__)
 
 TASKS = ("report", "vqa_closed", "vqa_open", "classify")
 PROMPT_TASK = {"report": "report", "vqa_closed": "vqa_closed", "vqa_open": "vqa_open", "classify": "vqa_closed"}
+# The registered metrics (eval/metrics/) each task reports, merged in this order; `eval.metrics`
+# in the run config ({task: [names]}) replaces a task's list.
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "report": ("m3d", "coco", "clinical_efficacy", "labels_prf"),
+    "vqa_closed": ("closed_vqa_accuracy",),
+    "vqa_open": ("open_vqa",),
+    "classify": ("classification",),
+}
 HEADLINE = {"report": ("m3d", "bleu1"), "vqa_closed": ("accuracy",), "vqa_open": ("bleu1",), "classify": ("accuracy",)}
 LABEL_QUESTION = "Which label best describes this scan?"
-NO_LABEL = "<none>"
 LETTERS = "ABCDEFGHIJ"
 _RESCALE_KEYS = ("rescale_slope", "rescale_intercept", "RescaleSlope", "RescaleIntercept", "slope", "intercept")
 
@@ -102,31 +111,6 @@ def classify_record(rec: dict[str, Any], labels: Sequence[str], question: str = 
         raise DataError(f"record {rec.get('id')!r}: label {label!r} is not one of {list(labels)}")
     return {**rec, "task": "vqa", "question": question, "answer": label, "choices": list(labels),
             "answer_choice": LETTERS[list(labels).index(label)], "question_type": "label"}
-
-
-def parse_choice(prediction: str, choices: Sequence[str]) -> str | None:
-    """The choice a prediction names: the first "<letter>." of a choice, else the first choice
-    text found (case-insensitive, whole words), else None."""
-    letters = LETTERS[: len(choices)]
-    m = re.search(rf"(?<![A-Za-z])([{letters}])\.", prediction)
-    if m:
-        return choices[letters.index(m.group(1))]
-    text = prediction.lower()
-    found = [(re.search(rf"(?<!\w){re.escape(c.lower())}(?!\w)", text), c) for c in choices]
-    hits = [(m.start(), c) for m, c in found if m]
-    return min(hits)[1] if hits else None
-
-
-def report_extractor(records: Sequence[dict[str, Any]]) -> str | None:
-    """"ct_rate" when every record holds the 18 CT-RATE labels, "phantom" when every record holds
-    phantom ground truth (labels.lesion and meta.n_lesions), else None."""
-    if not records:
-        return None
-    if all(set(CT_RATE_LABELS) <= set(r.get("labels") or {}) for r in records):
-        return "ct_rate"
-    if all("lesion" in (r.get("labels") or {}) and "n_lesions" in (r.get("meta") or {}) for r in records):
-        return "phantom"
-    return None
 
 
 def image_key(rec: dict[str, Any]) -> str:
@@ -216,36 +200,26 @@ def true_slice_mass(scores: torch.Tensor, slice_target: torch.Tensor) -> dict[st
 # ---------------------------------------------------------------------------------- metrics
 
 
-def score_task(task: str, preds: list[str], refs: list[str], recs: list[dict[str, Any]], *, meteor: bool = True,
-               coco_tokenizer: str = "ptb", bertscore_model: str | None = None) -> dict[str, Any]:
-    """The metrics of `task` (module docstring) for predictions vs references of records `recs`."""
-    from . import metrics as M
+def task_metric_names(task: str, overrides: dict[str, Any] | None = None) -> tuple[str, ...]:
+    """The metric names of `task`: `overrides[task]` (the config's `eval.metrics`) if given, else
+    TASK_METRICS[task]; ConfigError naming the key for an unknown task or a malformed list."""
+    overrides = overrides or {}
+    unknown = [t for t in overrides if t not in TASKS]
+    if unknown:
+        raise ConfigError(f"eval.metrics: unknown task(s) {unknown}; expected a mapping of {list(TASKS)} to metric names")
+    names = overrides.get(task, TASK_METRICS[task])
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"eval.metrics.{task} must be a list of metric names, got {names!r}")
+    return tuple(names)
 
-    if task == "report":
-        out: dict[str, Any] = {
-            "m3d": M.m3d_text_metrics(preds, refs, meteor=meteor, bertscore_model=bertscore_model),
-            "coco": M.coco_caption_metrics(preds, refs, tokenizer=coco_tokenizer, meteor=meteor)}
-        extractor = report_extractor(recs)
-        if extractor is not None:
-            out["extractor"] = extractor
-            out["clinical_efficacy"] = M.clinical_efficacy(preds, refs, extractor)
-        if extractor == "ct_rate":  # the dataset's 18 labels as the reference
-            out["labels_prf"] = M.findings_prf([M.ct_rate_findings(p) for p in preds], [r["labels"] for r in recs],
-                                               labels=list(CT_RATE_LABELS))
-        return out
-    types = [r.get("question_type") for r in recs]
-    qtypes = None if all(t is None for t in types) else [t if t is not None else "unknown" for t in types]
-    if task == "vqa_closed":
-        return M.closed_vqa_accuracy(preds, [ref.split(".", 1)[0] for ref in refs], qtypes)
-    if task == "vqa_open":
-        return M.open_vqa_metrics(preds, refs, qtypes, meteor=meteor, bertscore_model=bertscore_model)
-    labels = list(recs[0]["choices"])
-    y_pred = [parse_choice(p, labels) or NO_LABEL for p in preds]
-    with warnings.catch_warnings():  # sklearn warns about the NO_LABEL class; "unparsed" counts it
-        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
-        out = M.classification_metrics([r["answer"] for r in recs], y_pred, labels=labels)
-    out.update({"unparsed": sum(y == NO_LABEL for y in y_pred), "labels": labels})
-    return out
+
+def score_task(task: str, preds: list[str], refs: list[str], recs: list[dict[str, Any]], *, meteor: bool = True,
+               coco_tokenizer: str = "ptb", bertscore_model: str | None = None,
+               metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The registered metrics of `task` (`task_metric_names(task, metrics)`) for predictions vs
+    references of records `recs`, merged into one dict."""
+    return run_metrics(task_metric_names(task, metrics), preds, refs, list(recs), meteor=meteor,
+                       coco_tokenizer=coco_tokenizer, bertscore_model=bertscore_model)
 
 
 def headline(result: dict[str, Any]) -> tuple[str, float]:
@@ -313,7 +287,8 @@ def evaluate(
                 masses.append(mass)
         rows.append(row)
     metrics = score_task(task, [r["prediction"] for r in rows], [r["reference"] for r in rows], items, meteor=meteor,
-                         coco_tokenizer=coco_tokenizer, bertscore_model=model.cfg.eval.bertscore_model or None)
+                         coco_tokenizer=coco_tokenizer, bertscore_model=model.cfg.eval.bertscore_model or None,
+                         metrics=getattr(model.cfg.eval, "metrics", None))
     mass_summary = None
     if masses:
         mass_summary = {k: sum(m[k] for m in masses) / len(masses) for k in ("mass", "uniform", "top1_hit")}
