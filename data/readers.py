@@ -33,14 +33,16 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from .errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
+if TYPE_CHECKING:  # data/formats imports this module (REPORT_QUESTION): imported lazily here
+    from .formats.base import Candidate, DatasetFormat
+
 Record = dict[str, Any]
-Candidate = tuple[str, Any]  # (where, build): see data/formats/base.py
 
 TASKS = ("report", "vqa")
 VQA_MODES = ("closed", "open")
@@ -192,7 +194,7 @@ class ReadReport:
         return len(self.errors)
 
 
-def get_format(kind: str) -> Any:
+def get_format(kind: str) -> DatasetFormat:
     """The registered `DatasetFormat` named `kind`; ConfigError listing the names if unknown."""
     from .formats import DATASETS
 

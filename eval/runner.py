@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 from medvlm3d.data.errors import ConfigError, DataError
 
 from .metrics.base import run_metrics
-from .metrics.classify import NO_LABEL, parse_choice, report_extractor
+from .metrics.classify import NO_LABEL, parse_choice, report_extractor  # noqa: F401  (eval/fewshot.py, tests)
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,8 @@ def task_metric_names(task: str, overrides: dict[str, Any] | None = None) -> tup
     overrides = overrides or {}
     unknown = [t for t in overrides if t not in TASKS]
     if unknown:
-        raise ConfigError(f"eval.metrics: unknown task(s) {unknown}; expected a mapping of {list(TASKS)} to metric names")
+        raise ConfigError(f"eval.metrics: unknown task(s) {unknown}; expected a mapping of {list(TASKS)} "
+                          "to metric names")
     names = overrides.get(task, TASK_METRICS[task])
     if isinstance(names, str) or not all(isinstance(n, str) for n in names):
         raise ConfigError(f"eval.metrics.{task} must be a list of metric names, got {names!r}")

@@ -82,7 +82,9 @@ class DatasetFormat:
         data_root: str | os.PathLike[str] | None = None,
         options: Mapping[str, Any] | None = None,
     ) -> list[Record]:
-        """Validated manifest records of `source` (DataError on the first bad one)."""
+        """Validated manifest records of `source` (DataError on the first bad one). `options`:
+        the keyword options of `read_records` (vqa_mode, ct_rate_target, check_files,
+        skip_bad_records)."""
         from ..readers import read_records_report
 
         opts = dict(options or {})

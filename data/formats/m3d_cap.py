@@ -64,12 +64,14 @@ def is_m3d_cap_json(path: Path) -> bool:
 
 
 def data_root_of(path: Path, root: Path | None) -> tuple[Path, str]:
+    """(the M3D data root of an index/CSV at `path`, how to name it in messages)."""
     if root is not None:
         return root, f"data_root {root}"
     return path.parent.parent, f"data root {path.parent.parent}, the parent of {path.parent.name}/ (or pass data_root=)"
 
 
 def rel_path(item: dict[str, Any], key: str, root: Path, where: str) -> Path:
+    """`root` / item[key]; DataError naming `where` unless item[key] is a non-empty string."""
     value = item.get(key)
     if not isinstance(value, str) or not value.strip():
         raise DataError(f"{where}: '{key}' must be a relative path string, got {value!r}")
