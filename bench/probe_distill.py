@@ -43,8 +43,11 @@ Head = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # features -> logits [
 
 
 @torch.no_grad()
-def features(config: str, out: Path, n_train: int, n_test: int) -> dict[str, dict[str, torch.Tensor]]:
-    """{"train": {...}, "test": {...}} of frozen features, one row per record."""
+def features(config: str, out: Path, n_train: int, n_test: int, teacher: str, init_from: str = "",
+             tokenizer: str = "") -> dict[str, dict[str, torch.Tensor]]:
+    """{"train": {...}, "test": {...}} of frozen features, one row per record; the model is the
+    config's untrained one, or a stage export (`init_from`, with the `tokenizer` it was trained with)."""
+    from medvlm3d.model.checkpoint import init_from_checkpoint
     from medvlm3d.data.readers import read_records
     from medvlm3d.data.synthetic import corpus_texts, make_dataset
     from medvlm3d.data.tokenizer import train_tokenizer
@@ -54,13 +57,16 @@ def features(config: str, out: Path, n_train: int, n_test: int) -> dict[str, dic
     shape = tuple(load_config(config).data.size)
     splits = {"train": make_dataset(out / "train", n_train, seed=0, shape=shape),
               "test": make_dataset(out / "test", n_test, seed=1, shape=shape)}
-    train_tokenizer(corpus_texts(read_records(splits["train"])), out / "tok", vocab_size=400)
+    tok = Path(tokenizer) if tokenizer else out / "tok"
+    if not tokenizer:
+        train_tokenizer(corpus_texts(read_records(splits["train"])), tok, vocab_size=400)
     result = {}
     for split, manifest in splits.items():
-        cfg = load_config(config, [f"model.llm.tokenizer={out / 'tok'}", f"data.train={manifest}",
-                                   "train.stage=stage1_align", "data.shuffle_choices=false"])
+        cfg = load_config(config, [f"model.llm.tokenizer={tok}", f"data.train={manifest}",
+                                   "train.stage=stage1_align", "data.shuffle_choices=false",
+                                   f"model.vote_mi.teacher={teacher}"])
         torch.manual_seed(0)
-        vlm = build_model(cfg).eval()
+        vlm = (init_from_checkpoint(cfg, init_from) if init_from else build_model(cfg)).eval()
         ds, collate = build_train_data(cfg, vlm.tokenizer, vlm.num_visual_tokens)
         rows: dict[str, list[torch.Tensor]] = {}
         for i in range(0, len(ds), 16):
@@ -73,7 +79,9 @@ def features(config: str, out: Path, n_train: int, n_test: int) -> dict[str, dic
             vmf = intensity_features(b["slices"], size=cfg.model.vote_mi.feature_size, mask=mask)
             q = vlm.vote_mi.teacher(vmf, mask, plane)
             votes = torch.stack([next(iter(r.values())).votes.float() for r in vlm.vote_mi.select(vmf, mask, plane)])
-            for k, t in dict(z=z, text=text, mask=mask, q=q, votes=votes, target=b["slice_target"],
+            vflat = v.flatten(2)  # [N, S, T*D]: the slice tokens, not pooled
+            picks_on = {name: vlm.vote_mi.teacher(feat, mask, plane) for name, feat in (("z", z), ("v", vflat))}
+            for k, t in dict(z=z, vflat=vflat, q_z=picks_on["z"], q_v=picks_on["v"], text=text, mask=mask, q=q, votes=votes, target=b["slice_target"],
                              has_target=b["has_slice_target"]).items():
                 rows.setdefault(k, []).append(t.float() if t.is_floating_point() else t)
         result[split] = {k: torch.cat(v) for k, v in rows.items()}
@@ -91,7 +99,8 @@ def teacher_figures(f: dict[str, torch.Tensor]) -> dict[str, float]:
     k = int(f["num_picks"])
     top = torch.topk(f["votes"].masked_fill(~mask, -1), k, dim=1).indices
     rep = torch.gather(q, 1, top).sum(1).mean().item()
-    return {"lesion": lesion, "lesion_uniform": uniform_lesion, "representative": rep, "rep_uniform": (k / n_real).mean().item()}
+    agree = {name: (q * (f[f"q_{name}"] > 0.1)).sum(1).mean().item() for name in ("z", "v")}
+    return {"agree_z": agree["z"], "agree_v": agree["v"], "lesion": lesion, "lesion_uniform": uniform_lesion, "representative": rep, "rep_uniform": (k / n_real).mean().item()}
 
 
 def centred(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -148,13 +157,34 @@ class Attn(nn.Module):
 class Registered(nn.Module):
     """A scorer from model/tgis.py's SCORERS on (z, t = text_proj(text))."""
 
-    def __init__(self, name: str, dim: int, text_dim: int, tau: float) -> None:
+    def __init__(self, name: str, dim: int, text_dim: int, tau: float, key: str = "z") -> None:
         super().__init__()
+        self.key = key
         self.text_proj = nn.Linear(text_dim, dim)
         self.scorer = SCORERS.build(name, TGISConfig(tau=tau, scorer=name), dim)
 
     def forward(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.scorer(f["z"], self.text_proj(f["text"]), f["mask"])
+        return self.scorer(f[self.key], self.text_proj(f["text"]), f["mask"])
+
+
+class SimOnly(nn.Module):
+    """The context scorer's similarity features alone: MLP([soft in-votes_j, density_j]) of a
+    learned metric h = W c; nothing study-specific (h_j itself) reaches the logit."""
+
+    def __init__(self, dim: int, hidden: int = 64, temp: float = 0.1) -> None:
+        super().__init__()
+        self.proj, self.temp = nn.Linear(dim, hidden), temp
+        self.mlp = nn.Sequential(nn.Linear(2, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def forward(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = f["mask"]
+        hn = nn.functional.normalize(self.proj(centred(f["z"], mask)), dim=-1)
+        eye = torch.eye(mask.shape[1], dtype=torch.bool)
+        pair = mask.unsqueeze(1) & mask.unsqueeze(2) & ~eye
+        sim = torch.einsum("bjh,bkh->bjk", hn, hn).div(self.temp).masked_fill(~pair, float("-inf"))
+        votes = torch.softmax(sim, dim=-1).sum(1)
+        density = torch.logsumexp(sim, dim=-1) * self.temp
+        return self.mlp(torch.stack([votes, density], dim=-1)).squeeze(-1)
 
 
 def kl(head: nn.Module, f: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -166,7 +196,11 @@ def fit(head: nn.Module, train: dict, test: dict | None, steps: int, lr: float) 
     with torch.no_grad():
         start = kl(head, train).item()
         test_start = kl(head, test).item() if test is not None else math.nan
-    for _ in range(steps):
+    best = test_start
+    for i in range(steps):
+        if test is not None and i % 10 == 0:
+            with torch.no_grad():
+                best = min(best, kl(head, test).item())
         loss = kl(head, train)
         opt.zero_grad()
         loss.backward()
@@ -175,7 +209,7 @@ def fit(head: nn.Module, train: dict, test: dict | None, steps: int, lr: float) 
         end = kl(head, train).item()
         test_end = kl(head, test).item() if test is not None else math.nan
     return {"start": start, "end": end, "frac": end / start, "test_start": test_start, "test_end": test_end,
-            "test_frac": test_end / test_start}
+            "test_frac": test_end / test_start, "test_best": min(best, test_end)}
 
 
 def main() -> None:
@@ -185,21 +219,25 @@ def main() -> None:
     p.add_argument("--n-test", type=int, default=8)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--teacher", default="picks", choices=["picks", "votes"])
+    p.add_argument("--init-from", default="", help="a stage export (e.g. a stage0_clip run's final/) for the encoders")
+    p.add_argument("--tokenizer", default="", help="the tokenizer that export was trained with (with --init-from)")
     a = p.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        feats = features(a.config, Path(tmp), a.n_train, a.n_test)
+        feats = features(a.config, Path(tmp), a.n_train, a.n_test, a.teacher, a.init_from, a.tokenizer)
     tr, te = feats["train"], feats["test"]
     n, s, d = tr["z"].shape
     dt = int(tr["text_dim"])
     zc = tr["z"] - (tr["z"] * tr["mask"][..., None]).sum(1, keepdim=True) / tr["mask"].sum(1)[:, None, None]
-    print(f"# {a.config}: {n} train / {te['z'].shape[0]} held-out records, S={s}, D={d}; features {time.time() - t0:.0f}s")
+    print(f"# {a.config}{' from ' + a.init_from if a.init_from else ' (untrained)'}, teacher {a.teacher}: {n} train / {te['z'].shape[0]} held-out records, S={s}, D={d}; features {time.time() - t0:.0f}s")
     print(f"# z: |z| {tr['z'].norm(dim=-1).mean():.3f}, |z_j - mean z| {zc.norm(dim=-1).mean():.4f} (slice-to-slice spread)")
     for split in ("train", "test"):
         tf = teacher_figures(feats[split])
         print(f"# teacher ({split}): mass on the asked lesion's slices {tf['lesion']:.3f} (uniform {tf['lesion_uniform']:.3f}); "
-              f"on the {int(tr['num_picks'])} most-voted slices {tf['representative']:.3f} (uniform {tf['rep_uniform']:.3f})")
+              f"on the {int(tr['num_picks'])} most-voted slices {tf['representative']:.3f} (uniform {tf['rep_uniform']:.3f}); "
+              f"on Vote-MI's own picks over z {tf['agree_z']:.3f}, over the slice tokens v {tf['agree_v']:.3f}")
     heads: dict[str, Callable[[], nn.Module]] = {
         "free logits (optimum)": lambda: Free(n, s),
         "med2e3 tau=5, default init": lambda: Med2E3(d, dt, 5.0, "default"),
@@ -208,19 +246,22 @@ def main() -> None:
         "mlp(z_j)": lambda: MLP(d, ctx=False),
         "mlp(centred z_j)": lambda: MLP(d, ctx=True),
         "attn(centred z)": lambda: Attn(d),
+        "similarity features only": lambda: SimOnly(d),
     }
     for name in SCORERS.names():
         if name != "med2e3":
             for tau in (5.0, 1.0):
                 heads[f"scorer '{name}' tau={tau:g}"] = lambda name=name, tau=tau: Registered(name, d, dt, tau)
-    print("| head | KL start | KL end | end/start | held-out start | held-out end | held-out end/start |")
-    print("|---|---|---|---|---|---|---|")
+            dv = tr["vflat"].shape[-1]
+            heads[f"scorer '{name}' on the unpooled slice tokens"] = lambda name=name: Registered(name, dv, dt, 5.0, "vflat")
+    print("| head | KL start | KL end | end/start | held-out start | held-out end | held-out end/start | held-out best |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, make in heads.items():
         torch.manual_seed(0)
         head = make()
         r = fit(head, tr, None if isinstance(head, Free) else te, a.steps, a.lr)
         print(f"| {name} | {r['start']:.4f} | {r['end']:.4f} | {r['frac']:.3f} | {r['test_start']:.4f} | "
-              f"{r['test_end']:.4f} | {r['test_frac']:.3f} |", flush=True)
+              f"{r['test_end']:.4f} | {r['test_frac']:.3f} | {r['test_best']:.4f} |", flush=True)
     print(f"# {a.steps} Adam steps at lr {a.lr:g}, full batch, 1 thread; {time.time() - t0:.0f}s in all")
 
 
