@@ -157,11 +157,11 @@ class Attn(nn.Module):
 class Registered(nn.Module):
     """A scorer from model/tgis.py's SCORERS on (z, t = text_proj(text))."""
 
-    def __init__(self, name: str, dim: int, text_dim: int, tau: float, key: str = "z") -> None:
+    def __init__(self, name: str, dim: int, text_dim: int, tau: float, key: str = "z", **kw: bool) -> None:
         super().__init__()
         self.key = key
         self.text_proj = nn.Linear(text_dim, dim)
-        self.scorer = SCORERS.build(name, TGISConfig(tau=tau, scorer=name), dim)
+        self.scorer = SCORERS.get(name)(TGISConfig(tau=tau, scorer=name), dim, **kw)
 
     def forward(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.scorer(f[self.key], self.text_proj(f["text"]), f["mask"])
@@ -253,6 +253,8 @@ def main() -> None:
             for tau in (5.0, 1.0):
                 heads[f"scorer '{name}' tau={tau:g}"] = lambda name=name, tau=tau: Registered(name, d, dt, tau)
             dv = tr["vflat"].shape[-1]
+            for kw in (dict(normalise_text=False), dict(use_h=True), dict(normalise_text=False, use_h=True)):
+                heads[f"scorer '{name}' {kw}"] = lambda name=name, kw=kw: Registered(name, d, dt, 5.0, **kw)
             heads[f"scorer '{name}' on the unpooled slice tokens"] = lambda name=name: Registered(name, dv, dt, 5.0, "vflat")
     print("| head | KL start | KL end | end/start | held-out start | held-out end | held-out end/start | held-out best |")
     print("|---|---|---|---|---|---|---|---|")

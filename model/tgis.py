@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from einops import rearrange, reduce
@@ -269,12 +270,14 @@ class ContextScorer(nn.Module):
     The MLP's output layer starts at zero: a new head scores like its text term alone.
     """
 
-    def __init__(self, cfg: TGISConfig, dim: int, hidden: int = 64, temp: float = 0.1) -> None:
+    def __init__(self, cfg: TGISConfig, dim: int, hidden: int = 64, temp: float = 0.1,
+                 normalise_text: bool = True, use_h: bool = False) -> None:
         super().__init__()
         self.tau = float(cfg.tau)
         self.temp = temp
+        self.normalise_text, self.use_h = normalise_text, use_h
         self.proj = nn.Linear(dim, hidden)
-        self.mlp = nn.Sequential(nn.Linear(hidden + 2, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.mlp = nn.Sequential(nn.Linear(hidden * use_h + 2, hidden), nn.GELU(), nn.Linear(hidden, 1))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
         self.gate = nn.Linear(dim, 1)
@@ -293,16 +296,16 @@ class ContextScorer(nn.Module):
         vote = torch.where(has_other, torch.softmax(sim, dim=-1), torch.zeros_like(sim))  # [B, voter k, j]
         votes = vote.sum(1) * mask  # [B, S]: soft count of the slices that vote for j
         density = torch.where(has_other.squeeze(-1), torch.logsumexp(sim, dim=-1), torch.zeros_like(votes)) * self.temp
-        x = torch.cat([h, votes.unsqueeze(-1), density.unsqueeze(-1) * mask.unsqueeze(-1)], dim=-1)
+        x = torch.cat([h] * self.use_h + [votes.unsqueeze(-1), density.unsqueeze(-1) * mask.unsqueeze(-1)], dim=-1)
         return self.mlp(nn.functional.gelu(x)).squeeze(-1)
 
     def forward(self, z: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         c = volume_normalised(z.float(), mask)
-        text = torch.einsum("bsd,bd->bs", c, t.float()) / self.tau
+        text = torch.einsum("bsd,bd->bs", c if self.normalise_text else z.float(), t.float()) / self.tau
         gate = nn.functional.softplus(self.gate(t.float()))  # [B, 1]
         return text + gate * self.context(c, mask)
 
 
 @SCORERS.register("context")
-def _context(cfg: TGISConfig, dim: int) -> nn.Module:
-    return ContextScorer(cfg, dim)
+def _context(cfg: TGISConfig, dim: int, **kwargs: Any) -> nn.Module:
+    return ContextScorer(cfg, dim, **kwargs)
