@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from medvlm3d.config import TGISConfig, load_config
-from medvlm3d.model.tgis import SCORERS, masked_softmax, slice_descriptors
+from medvlm3d.model.tgis import SCORERS, ContextScorer, masked_softmax, slice_descriptors, volume_normalised
 from medvlm3d.model.vote_mi import intensity_features
 from medvlm3d.train.losses import distillation_loss
 
@@ -103,14 +103,6 @@ def teacher_figures(f: dict[str, torch.Tensor]) -> dict[str, float]:
     return {"agree_z": agree["z"], "agree_v": agree["v"], "lesion": lesion, "lesion_uniform": uniform_lesion, "representative": rep, "rep_uniform": (k / n_real).mean().item()}
 
 
-def centred(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(z_j - volume mean) / volume rms, over the real slices."""
-    m = mask.unsqueeze(-1).float()
-    c = (z - (z * m).sum(1, keepdim=True) / m.sum(1, keepdim=True)) * m
-    rms = (c.pow(2).sum((1, 2), keepdim=True) / (m.sum(1, keepdim=True) * z.shape[-1])).sqrt()
-    return c / (rms + 1e-6)
-
-
 class Free(nn.Module):
     def __init__(self, n: int, s: int) -> None:
         super().__init__()
@@ -138,7 +130,7 @@ class MLP(nn.Module):
         self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
 
     def forward(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
-        z = centred(f["z"], f["mask"]) if self.ctx else f["z"]
+        z = volume_normalised(f["z"], f["mask"]) if self.ctx else f["z"]
         return self.net(z).squeeze(-1)
 
 
@@ -150,7 +142,7 @@ class Attn(nn.Module):
         self.out = nn.Linear(hidden, 1)
 
     def forward(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
-        h = self.layer(self.inp(centred(f["z"], f["mask"])), src_key_padding_mask=~f["mask"])
+        h = self.layer(self.inp(volume_normalised(f["z"], f["mask"])), src_key_padding_mask=~f["mask"])
         return self.out(h).squeeze(-1)
 
 
@@ -168,23 +160,14 @@ class Registered(nn.Module):
 
 
 class SimOnly(nn.Module):
-    """The context scorer's similarity features alone: MLP([soft in-votes_j, density_j]) of a
-    learned metric h = W c; nothing study-specific (h_j itself) reaches the logit."""
+    """The context scorer's relational term alone (no text term, no gate)."""
 
-    def __init__(self, dim: int, hidden: int = 64, temp: float = 0.1) -> None:
+    def __init__(self, dim: int) -> None:
         super().__init__()
-        self.proj, self.temp = nn.Linear(dim, hidden), temp
-        self.mlp = nn.Sequential(nn.Linear(2, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.scorer = ContextScorer(TGISConfig(scorer="context"), dim)
 
     def forward(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
-        mask = f["mask"]
-        hn = nn.functional.normalize(self.proj(centred(f["z"], mask)), dim=-1)
-        eye = torch.eye(mask.shape[1], dtype=torch.bool)
-        pair = mask.unsqueeze(1) & mask.unsqueeze(2) & ~eye
-        sim = torch.einsum("bjh,bkh->bjk", hn, hn).div(self.temp).masked_fill(~pair, float("-inf"))
-        votes = torch.softmax(sim, dim=-1).sum(1)
-        density = torch.logsumexp(sim, dim=-1) * self.temp
-        return self.mlp(torch.stack([votes, density], dim=-1)).squeeze(-1)
+        return self.scorer.context(volume_normalised(f["z"], f["mask"]), f["mask"])
 
 
 def kl(head: nn.Module, f: dict[str, torch.Tensor]) -> torch.Tensor:
