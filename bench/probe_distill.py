@@ -37,7 +37,7 @@ from torch import nn
 from medvlm3d.config import TGISConfig, load_config
 from medvlm3d.model.tgis import SCORERS, ContextScorer, masked_softmax, slice_descriptors, volume_normalised
 from medvlm3d.model.vote_mi import intensity_features
-from medvlm3d.train.losses import distillation_loss
+from medvlm3d.train.losses import distillation_loss, slice_loss
 
 Head = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # features -> logits [N, S]
 
@@ -195,6 +195,34 @@ def fit(head: nn.Module, train: dict, test: dict | None, steps: int, lr: float) 
             "test_frac": test_end / test_start, "test_best": min(best, test_end)}
 
 
+def lesion_mass(head: nn.Module, f: dict[str, torch.Tensor]) -> float:
+    """Mean score mass on the asked lesion's slices, over the records with slice_labels."""
+    lab = f["has_target"] & (f["target"].sum(1) > 0)
+    with torch.no_grad():
+        return (masked_softmax(head(f), f["mask"]) * f["target"]).sum(1)[lab].mean().item()
+
+
+def steer(heads: dict[str, Callable[[], nn.Module]], train: dict, test: dict, steps: int, lr: float) -> None:
+    """Can the question still steer? Fit each head on the supervised slice loss (+ the KL) and
+    report the mass on the asked lesion's slices."""
+    print("| head | loss | lesion mass train start -> end | held-out start -> end |")
+    print("|---|---|---|---|")
+    for name, make in heads.items():
+        for lname, kd in (("slice", 0.0), ("slice + KL", 1.0)):
+            torch.manual_seed(0)
+            head = make()
+            opt = torch.optim.Adam(head.parameters(), lr=lr)
+            m0, t0 = lesion_mass(head, train), lesion_mass(head, test)
+            for _ in range(steps):
+                scores = masked_softmax(head(train), train["mask"])
+                loss = slice_loss(scores, train["target"], train["has_target"]) + kd * kl(head, train)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            print(f"| {name} | {lname} | {m0:.3f} -> {lesion_mass(head, train):.3f} | {t0:.3f} -> "
+                  f"{lesion_mass(head, test):.3f} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny")
@@ -247,6 +275,8 @@ def main() -> None:
         r = fit(head, tr, None if isinstance(head, Free) else te, a.steps, a.lr)
         print(f"| {name} | {r['start']:.4f} | {r['end']:.4f} | {r['frac']:.3f} | {r['test_start']:.4f} | "
               f"{r['test_end']:.4f} | {r['test_frac']:.3f} | {r['test_best']:.4f} |", flush=True)
+    steer({"med2e3 tau=5": heads["med2e3 tau=5, default init"], "context tau=5": heads["scorer 'context' tau=5"]},
+          tr, te, a.steps, a.lr)
     print(f"# {a.steps} Adam steps at lr {a.lr:g}, full batch, 1 thread; {time.time() - t0:.0f}s in all")
 
 
