@@ -17,6 +17,9 @@ at the end, as a fraction of the start, and on the held-out split:
     attn      one self-attention layer over the slices' centred z -> logit
     context   the `context` scorer of model/tgis.py (text term + gated context term)
 
+Last, whether the question still steers: med2e3 and context fitted on the supervised slice loss
+(alone, and + the KL), with their mass on the asked lesion's slices, train and held-out.
+
 The teacher's own figures: its mass on the slices of the asked lesion (records with
 slice_labels) against the uniform share, and its mass on the representative slices (the
 `num_picks` most-voted slices).
