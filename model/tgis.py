@@ -15,6 +15,11 @@ scores can then follow "the lesion in the upper part", and z2d says where the we
 lie (a score-weighted sum of tokens otherwise forgets it). P starts at zero, so a new head
 scores and fuses exactly as one without it.
 
+The logits come from the slice scorer named by `cfg.scorer` (registry `SCORERS`; a scorer maps
+z [B, S, D], t [B, D], mask [B, S] -> logits [B, S] float32): "med2e3" (default) is the formula
+above; "context" adds a gated cross-slice term that can follow the Vote-MI teacher
+(`ContextScorer`, docs/distillation.md).
+
 With `cfg.top_k > 0` only the k highest-scoring real slices keep mass (a softmax renormalised
 over those); the others are exactly 0, and gradients still flow through the kept logits.
 
@@ -261,11 +266,12 @@ class ContextScorer(nn.Module):
 
     - text term: Med-2E3's z_j . t / tau up to a per-volume shift (which the softmax ignores)
       and the per-volume scale 1 / rms, so the question's steer is not drowned by the slices'
-      likeness;
-    - context term: an MLP over [h_j, soft in-votes_j, soft density_j], h = W c, where the
-      in-votes (how many slices find j among their nearest, a softmax over cosine similarities
-      of the h) and the density (logsumexp of j's similarities) tell "representative of the
-      rest", which no function of z_j alone can;
+      likeness (`normalise_text=False`: Med-2E3's term on z as it is);
+    - context term: an MLP over [soft in-votes_j, soft density_j] of h = W c, where the in-votes
+      (how many slices find j among their nearest: a softmax over the cosine similarities of the
+      h) and the density (logsumexp of j's similarities) tell "representative of the rest", which
+      no function of z_j alone can (`use_h=True`: the MLP also reads h_j; fitted the Vote-MI
+      teacher worse on the demo, docs/distillation.md);
     - gate g(t) = softplus(a . t + b), the question decides how much the prior counts.
     The MLP's output layer starts at zero: a new head scores like its text term alone.
     """
@@ -286,7 +292,7 @@ class ContextScorer(nn.Module):
 
     def context(self, c: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, S] float32 context logits from the normalised descriptors c [B, S, D]."""
-        h = self.proj(c.float())  # [B, S, H]
+        h = self.proj(c.to(self.proj.weight.dtype)).float()  # [B, S, H]; the head may be bf16
         hn = nn.functional.normalize(h, dim=-1)
         sim = torch.einsum("bjh,bkh->bjk", hn, hn) / self.temp
         eye = torch.eye(sim.shape[-1], dtype=torch.bool, device=sim.device)
@@ -297,12 +303,12 @@ class ContextScorer(nn.Module):
         votes = vote.sum(1) * mask  # [B, S]: soft count of the slices that vote for j
         density = torch.where(has_other.squeeze(-1), torch.logsumexp(sim, dim=-1), torch.zeros_like(votes)) * self.temp
         x = torch.cat([h] * self.use_h + [votes.unsqueeze(-1), density.unsqueeze(-1) * mask.unsqueeze(-1)], dim=-1)
-        return self.mlp(nn.functional.gelu(x)).squeeze(-1)
+        return self.mlp(nn.functional.gelu(x).to(self.proj.weight.dtype)).squeeze(-1).float()
 
     def forward(self, z: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         c = volume_normalised(z.float(), mask)
         text = torch.einsum("bsd,bd->bs", c if self.normalise_text else z.float(), t.float()) / self.tau
-        gate = nn.functional.softplus(self.gate(t.float()))  # [B, 1]
+        gate = nn.functional.softplus(self.gate(t.to(self.gate.weight.dtype)).float())  # [B, 1]
         return text + gate * self.context(c, mask)
 
 

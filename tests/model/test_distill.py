@@ -124,3 +124,13 @@ def test_context_scorer_ignores_padding() -> None:
     torch.testing.assert_close(out2[0], out[0])
     one = torch.tensor([[1, 0, 0, 0, 0, 0]], dtype=torch.bool)  # a single real slice: finite logits
     assert torch.isfinite(scorer(z[:1], t[:1], one)[0, 0])
+
+
+def test_context_scorer_runs_in_bfloat16() -> None:
+    torch.manual_seed(0)
+    scorer = ContextScorer(TGISConfig(scorer="context"), 8)
+    z, t, mask = _scorer_inputs()
+    ref = scorer(z, t, mask)
+    out = scorer.to(torch.bfloat16)(z, t.bfloat16(), mask)  # a bf16 head; z's 1% spread kept in float32
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=0.1, rtol=0.05)
