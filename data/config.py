@@ -158,6 +158,7 @@ class TGISConfig:
     text_source: str = "llm"  # llm | hf
     text_encoder: str = ""  # local HF folder when text_source == "hf"
     pos_embed: bool = False  # add a learned slice-position (and plane) embedding to each slice's tokens
+    scorer: str = "med2e3"  # slice scorer (model/tgis.py SCORERS): med2e3 (z.t/tau) | context (+ gated cross-slice term)
 
     def __post_init__(self) -> None:
         if self.tau <= 0:

@@ -15,6 +15,11 @@ scores can then follow "the lesion in the upper part", and z2d says where the we
 lie (a score-weighted sum of tokens otherwise forgets it). P starts at zero, so a new head
 scores and fuses exactly as one without it.
 
+The logits come from the slice scorer named by `cfg.scorer` (registry `SCORERS`; a scorer maps
+z [B, S, D], t [B, D], mask [B, S] -> logits [B, S] float32): "med2e3" (default) is the formula
+above; "context" adds a gated cross-slice term that can follow the Vote-MI teacher
+(`ContextScorer`, docs/distillation.md).
+
 With `cfg.top_k > 0` only the k highest-scoring real slices keep mass (a softmax renormalised
 over those); the others are exactly 0, and gradients still flow through the kept logits.
 
@@ -31,6 +36,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from einops import rearrange, reduce
@@ -38,6 +44,7 @@ from torch import nn
 
 from medvlm3d.config import PLANES, TGISConfig
 from medvlm3d.model.inter_slice import sinusoid
+from medvlm3d.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,9 @@ Grid = tuple[int, int, int]
 # slice_pos in (0, 1) is scaled by this before the sinusoid, so its fastest frequency turns
 # about once per 1/100 of the axis (a slice of a 100-slice series).
 POS_SCALE = 100.0
+
+
+SCORERS = Registry("slice scorer")
 
 
 @dataclass
@@ -151,6 +161,7 @@ class TGIS(nn.Module):
             nn.init.zeros_(self.pos_proj.bias)
             self.plane_embed = nn.Embedding(len(PLANES), dim)
             nn.init.zeros_(self.plane_embed.weight)
+        self.scorer = SCORERS.build(cfg.scorer, cfg, dim)  # built last: the layers above keep their init
 
     def position_embedding(self, slice_pos: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
         """slice_pos [B, S] in (0, 1), plane [B, S] long -> [B, S, D]; only with `cfg.pos_embed`."""
@@ -210,8 +221,97 @@ class TGIS(nn.Module):
             v = v + pe.unsqueeze(2).to(v.dtype)
         z = slice_descriptors(x3d, grid, v, slice_pos, plane)  # [B, S, D]
         t = self.text_proj(text.to(self.text_proj.weight.dtype))  # [B, D]
-        logits = torch.einsum("bsd,bd->bs", z.float(), t.float()) / self.tau
+        logits = self.scorer(z, t, mask)  # [B, S] float32
         keep = mask if self.top_k == 0 else topk_mask(logits, mask, self.top_k)
         scores = masked_softmax(logits, keep)
         z2d = torch.einsum("bs,bstd->btd", scores.to(v.dtype), v)
         return TGISOutput(scores=scores, z2d=z2d, logits=logits)
+
+
+# --------------------------------------------------------------------------------------------
+# slice scorers: (z [B, S, D], t [B, D], mask [B, S] bool) -> logits [B, S] float32
+
+
+class Med2E3Scorer(nn.Module):
+    """Med-2E3's head: logits_j = (z_j . t) / tau. No parameters (t's map is TGIS.text_proj)."""
+
+    def __init__(self, cfg: TGISConfig, dim: int) -> None:
+        super().__init__()
+        self.tau = float(cfg.tau)
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bsd,bd->bs", z.float(), t.float()) / self.tau
+
+
+@SCORERS.register("med2e3")
+def _med2e3(cfg: TGISConfig, dim: int) -> nn.Module:
+    return Med2E3Scorer(cfg, dim)
+
+
+def volume_normalised(z: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """c [B, S, D]: (z_j - mean of the volume's real slices) / their rms spread; 0 on padding.
+
+    Mean-pooled descriptors differ little from slice to slice (|z_j - mean z| ~ 1% of |z| on the
+    phantoms, docs/distillation.md): this is what is left of them once the volume is taken out.
+    """
+    m = mask.unsqueeze(-1).to(z.dtype)
+    n = m.sum(1, keepdim=True).clamp_min(1.0)
+    c = (z - (z * m).sum(1, keepdim=True) / n) * m
+    rms = (c.pow(2).sum((1, 2), keepdim=True) / (n * z.shape[-1])).sqrt()
+    return c / (rms + eps)
+
+
+class ContextScorer(nn.Module):
+    """logits_j = (c_j . t) / tau + g(t) * context_j, c = volume_normalised(z).
+
+    - text term: Med-2E3's z_j . t / tau up to a per-volume shift (which the softmax ignores)
+      and the per-volume scale 1 / rms, so the question's steer is not drowned by the slices'
+      likeness (`normalise_text=False`: Med-2E3's term on z as it is);
+    - context term: an MLP over [soft in-votes_j, soft density_j] of h = W c, where the in-votes
+      (how many slices find j among their nearest: a softmax over the cosine similarities of the
+      h) and the density (logsumexp of j's similarities) tell "representative of the rest", which
+      no function of z_j alone can (`use_h=True`: the MLP also reads h_j; fitted the Vote-MI
+      teacher worse on the demo, docs/distillation.md);
+    - gate g(t) = softplus(a . t + b), the question decides how much the prior counts.
+    The MLP's output layer starts at zero: a new head scores like its text term alone.
+    """
+
+    def __init__(self, cfg: TGISConfig, dim: int, hidden: int = 64, temp: float = 0.1,
+                 normalise_text: bool = True, use_h: bool = False) -> None:
+        super().__init__()
+        self.tau = float(cfg.tau)
+        self.temp = temp
+        self.normalise_text, self.use_h = normalise_text, use_h
+        self.proj = nn.Linear(dim, hidden)
+        self.mlp = nn.Sequential(nn.Linear(hidden * use_h + 2, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+        self.gate = nn.Linear(dim, 1)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, math.log(math.e - 1.0))  # softplus -> 1
+
+    def context(self, c: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, S] float32 context logits from the normalised descriptors c [B, S, D]."""
+        h = self.proj(c.to(self.proj.weight.dtype)).float()  # [B, S, H]; the head may be bf16
+        hn = nn.functional.normalize(h, dim=-1)
+        sim = torch.einsum("bjh,bkh->bjk", hn, hn) / self.temp
+        eye = torch.eye(sim.shape[-1], dtype=torch.bool, device=sim.device)
+        pair = mask.unsqueeze(1) & mask.unsqueeze(2) & ~eye
+        sim = sim.masked_fill(~pair, float("-inf"))
+        has_other = pair.any(-1, keepdim=True)  # a single-slice volume has no neighbours
+        vote = torch.where(has_other, torch.softmax(sim, dim=-1), torch.zeros_like(sim))  # [B, voter k, j]
+        votes = vote.sum(1) * mask  # [B, S]: soft count of the slices that vote for j
+        density = torch.where(has_other.squeeze(-1), torch.logsumexp(sim, dim=-1), torch.zeros_like(votes)) * self.temp
+        x = torch.cat([h] * self.use_h + [votes.unsqueeze(-1), density.unsqueeze(-1) * mask.unsqueeze(-1)], dim=-1)
+        return self.mlp(nn.functional.gelu(x).to(self.proj.weight.dtype)).squeeze(-1).float()
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        c = volume_normalised(z.float(), mask)
+        text = torch.einsum("bsd,bd->bs", c if self.normalise_text else z.float(), t.float()) / self.tau
+        gate = nn.functional.softplus(self.gate(t.to(self.gate.weight.dtype)).float())  # [B, 1]
+        return text + gate * self.context(c, mask)
+
+
+@SCORERS.register("context")
+def _context(cfg: TGISConfig, dim: int, **kwargs: Any) -> nn.Module:
+    return ContextScorer(cfg, dim, **kwargs)
