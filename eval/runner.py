@@ -49,6 +49,7 @@ import random
 import re
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
@@ -57,6 +58,18 @@ from tqdm.auto import tqdm
 
 from medvlm3d.data.ct_rate import CT_RATE_LABELS
 from medvlm3d.data.errors import DataError
+
+
+@dataclass
+class EvalConfig:
+    """The `eval:` section: generation settings of the benchmark runner."""
+
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    do_sample: bool = False
+    temperature: float = 1.0
+    bertscore_model: str = ""
+
 
 log = logging.getLogger(__name__)
 
