@@ -129,6 +129,17 @@ def _toy(cfg):
 '''
 
 
+@pytest.fixture(autouse=True)
+def _forget_plugins(monkeypatch: pytest.MonkeyPatch):
+    """Each test's registrations and plugin modules are undone after it (names stay exact elsewhere)."""
+    monkeypatch.setattr(ENCODERS3D, "_builders", dict(ENCODERS3D._builders))
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        if name.startswith(("medvlm3d_plugin_", "toy_plugin_")):
+            del sys.modules[name]
+
+
 def _plugin_yaml(tmp_path: Path, name: str, plugin_entry: str) -> Path:
     path = tmp_path / "run.yaml"
     path.write_text(f"base: tiny\nplugins: [{plugin_entry}]\nmodel:\n  encoder3d: {{arch: {name}}}\n", encoding="utf-8")

@@ -31,8 +31,10 @@ def vit_cfg(**kw) -> Encoder3DConfig:
 
 def test_registry_names():
     assert ENCODERS3D.names() == ["resnet", "vit"]
+    with pytest.raises(ConfigError, match=r"encoder3d\.arch must be one of \['resnet', 'vit'\], got 'swin'"):
+        Encoder3DConfig(arch="swin")
     with pytest.raises(ValueError, match="unknown 3D encoder 'swin'"):
-        build_encoder3d(Encoder3DConfig(arch="swin"))
+        ENCODERS3D.build("swin", vit_cfg())
 
 
 def test_vit_tokens_shape_and_grid():
