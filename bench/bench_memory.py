@@ -47,14 +47,14 @@ LLM_MID = [
 MID = [
     "data.size=[32,128,128]", "data.slice_size=[128,128]", "data.max_text_len=256",
     "model.encoder3d.preset=vit3d_tiny", "model.projector.pool3d=[1,2,2]",
-    "model.encoder3d.img_size=[32,128,128]", "model.encoder3d.hidden_size=192", "model.encoder3d.num_layers=4",
+    "model.encoder3d.hidden_size=192", "model.encoder3d.num_layers=4",
     "model.encoder3d.num_heads=4", "model.encoder3d.mlp_dim=768",
     "model.slice_encoder.model_kwargs={patch_size: 16, depth: 4, embed_dim: 192, num_heads: 3}",
     *LLM_MID,
 ]
 # The same LLM with CNN encoders (MONAI 3D ResNet, timm ResNet-18 slices) at 32x64x64.
 MID_CNN = ["data.max_text_len=256", *LLM_MID,
-    "model.encoder3d.preset=resnet3d_tiny", "model.encoder3d.img_size=[32,64,64]", "model.projector.pool3d=[1,2,2]",
+    "model.encoder3d.preset=resnet3d_tiny", "model.projector.pool3d=[1,2,2]",
     "model.encoder3d.resnet_conv1_stride=1", "model.encoder3d.resnet_max_pool=true",  # MONAI's stem, as measured
     "model.slice_encoder.model_name=resnet18", "model.slice_encoder.model_kwargs={}",
 ]

@@ -28,14 +28,75 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
-from medvlm3d.config import DataConfig
-from .errors import DataError
+from medvlm3d.config_fields import MAX_SIDE, PLANES, check_choice, check_positive
+from .errors import ConfigError, DataError
 from .prompts import encode_example, format_record, image_token_id, shuffle_choices
+
+
+@dataclass
+class DataConfig:
+    """How volumes and records become batches.
+
+    `size` is the (D, H, W) the volume is resized to for the 3D encoder; `slice_size` is the
+    (h, w) of each 2D slice for the slice encoder. `num_slices`: 0 means one axial slice per
+    depth row of the resized volume (S = D); N > 0 resamples each plane to N slices; -1 keeps
+    the native axial count of the oriented volume (capped at `max_slices`), so S varies.
+    """
+
+    train: str = ""
+    val: str = ""
+    test: str = ""
+    kind: str = "auto"  # auto | a format registered in data/formats/ (checked when read: plugins may add one)
+    train_split: str = ""  # split inside a multi-split source: M3D-Cap train|validation|test, CT-RATE train|valid
+    eval_split: str = ""  # the same for `val` / `test` sources
+    data_root: str = ""
+    task: str = ""  # "" keeps the records' own task; report | vqa | vqa_closed | vqa_open
+    vqa_mode: str = "closed"  # closed | open, for M3D-VQA
+    ct_rate_target: str = "findings"  # findings | findings_impressions
+    size: tuple[int, int, int] = (32, 64, 64)
+    slice_size: tuple[int, int] = (64, 64)
+    num_slices: int = 0
+    max_slices: int = 256
+    planes: tuple[str, ...] = ("axial",)
+    modality: str = "auto"  # auto | ct | mri
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    mri_percentiles: tuple[float, float] = (0.5, 99.5)
+    crop_foreground: bool = False
+    augment: bool = False
+    shuffle_choices: bool = False  # training: re-permute closed choices per draw (data/prompts.py)
+    # stage0_text: "report" puts each VQA question after its study's report, where the image goes
+    # in later stages, so the text-only LLM learns to answer from evidence, not from priors
+    text_context: str = "none"
+    text_packing: bool = True  # stage0_text: pack samples into rows instead of padding (train/data.py)
+    cache_dir: str = ""
+    max_voxels: int = 1024 * 1024 * 1024
+    oversize: str = "downsample"  # downsample | refuse
+    skip_bad_records: bool = False
+    max_text_len: int = 256
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("data.task", self.task, ("", "report", "vqa", "vqa_closed", "vqa_open"))
+        check_choice("data.vqa_mode", self.vqa_mode, ("closed", "open"))
+        check_choice("data.ct_rate_target", self.ct_rate_target, ("findings", "findings_impressions"))
+        check_choice("data.modality", self.modality, ("auto", "ct", "mri"))
+        check_choice("data.text_context", self.text_context, ("none", "report"))
+        check_choice("data.oversize", self.oversize, ("downsample", "refuse"))
+        check_positive("data.size", self.size, 3, upper=MAX_SIDE)
+        check_positive("data.slice_size", self.slice_size, 2, upper=MAX_SIDE)
+        for plane in self.planes:
+            check_choice("data.planes", plane, PLANES)
+        if self.num_slices < -1:
+            raise ConfigError(f"data.num_slices must be -1, 0 or positive, got {self.num_slices}")
+        if self.hu_window[0] >= self.hu_window[1]:
+            raise ConfigError(f"data.hu_window must be (low, high) with low < high, got {self.hu_window}")
+
 
 logger = logging.getLogger(__name__)
 

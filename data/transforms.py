@@ -32,7 +32,7 @@ from monai.transforms import (Compose, CopyItemsd, EnsureTyped, Lambdad, MapTran
                               Resize, ScaleIntensityRange, ScaleIntensityRangePercentiles, SpatialCrop, Transposed)
 from monai.transforms.utils import generate_spatial_bounding_box
 
-from medvlm3d.config import DataConfig
+from .dataset import DataConfig
 
 # DataConfig fields that change the preprocessing (and so the cache key of data/volume.py)
 PREPROCESS_FIELDS = ("size", "slice_size", "num_slices", "max_slices", "planes", "modality", "hu_window",

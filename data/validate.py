@@ -23,7 +23,7 @@ Steps:
      failure is listed for every record that uses the volume; warnings (e.g. a constant
      volume) are collected.
 With `load_volumes=False` no volume is opened (the records' files are only checked to exist)
-and neither torch nor MONAI is imported.
+(reading a `DataConfig` imports torch: the config types live beside their components).
 The training recipe calls this before step 1 when `data.skip_bad_records` is false, and stops
 with `report.format()` when `not report.ok`.
 """

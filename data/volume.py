@@ -73,7 +73,8 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 from safetensors.torch import load_file, save_file
 
-from medvlm3d.config import PLANES, DataConfig
+from medvlm3d.config_fields import PLANES
+from .dataset import DataConfig
 from .dicom import is_dicom_file, read_dicom
 from .errors import DataError
 from .nifti import read_nifti

@@ -49,6 +49,7 @@ import logging
 import os
 import random
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
@@ -59,6 +60,21 @@ from medvlm3d.data.errors import ConfigError, DataError
 
 from .metrics.base import run_metrics
 from .metrics.classify import NO_LABEL, parse_choice, report_extractor  # noqa: F401  (eval/fewshot.py, tests)
+
+
+@dataclass
+class EvalConfig:
+    """The `eval:` section: generation settings of the benchmark runner."""
+
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    do_sample: bool = False
+    temperature: float = 1.0
+    bertscore_model: str = ""
+    # {task: [metric names]} replacing TASK_METRICS for that task; names are registered in
+    # eval/metrics/ (checked when scoring: plugins may add one)
+    metrics: dict[str, list[str]] = field(default_factory=dict)
+
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,12 @@ Volumes and datasets: `medvlm3d.data.load_volume`, `medvlm3d.data.read_records`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from medvlm3d.config import RunConfig, load_config
 from medvlm3d.data.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from medvlm3d.config import RunConfig, load_config
 
 __version__ = "0.1.0"
 __all__ = ["load_config", "build_model", "load_pretrained", "DataError", "ConfigError", "RunConfig"]
@@ -32,3 +34,13 @@ def load_pretrained(path: str, **kwargs: Any) -> Any:
     from medvlm3d.model.checkpoint import load_pretrained as _load
 
     return _load(path, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    # `load_config` and `RunConfig` import every component's config module (torch, MONAI, timm):
+    # done on first use, so `import medvlm3d` and `medvlm3d --help` stay fast.
+    if name in ("load_config", "RunConfig"):
+        import medvlm3d.config
+
+        return getattr(medvlm3d.config, name)
+    raise AttributeError(f"module 'medvlm3d' has no attribute {name!r}")

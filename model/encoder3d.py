@@ -35,12 +35,12 @@ arbitrary objects) and can map M3D-CLIP / M3D-LaMed vision-tower keys onto the M
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import pickle
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +51,47 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-from medvlm3d.config import PRESETS, Encoder3DConfig
+from medvlm3d.config_fields import PRESETS, check_choice, check_positive, from_dict
 from medvlm3d.registry import Registry
+
+
+@dataclass
+class Encoder3DConfig:
+    """3D encoder over [B, 1, D, H, W] -> tokens [B, N3, hidden_size]; a RunConfig sets img_size = data.size."""
+
+    arch: str = "vit"  # ENCODERS3D name: vit | resnet (| a plugin's)
+    img_size: tuple[int, int, int] = (32, 64, 64)
+    patch_size: tuple[int, int, int] = (4, 16, 16)
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    mlp_dim: int = 128
+    dropout: float = 0.0
+    resnet_layers: tuple[int, ...] = (1, 1, 1, 1)
+    resnet_widths: tuple[int, ...] = (16, 32, 64, 128)
+    resnet_conv1_stride: int = 1  # 1 (MONAI's default) or 2: with resnet_max_pool false, the same grid, 4x cheaper
+    resnet_max_pool: bool = True
+    weights: str = ""
+    weights_key_map: str = ""  # "" | m3d_clip
+    gradient_checkpointing: bool = False  # recompute ViT blocks / ResNet stages in backward (saves memory)
+
+    def __post_init__(self) -> None:
+        check_choice("encoder3d.arch", self.arch, ENCODERS3D.names())
+        check_positive("encoder3d.img_size", self.img_size, 3)
+        check_positive("encoder3d.patch_size", self.patch_size, 3)
+        check_choice("encoder3d.weights_key_map", self.weights_key_map, ("", "m3d_clip"))
+        check_choice("encoder3d.resnet_conv1_stride", self.resnet_conv1_stride, (1, 2))
+
+
+_VIT = dict(arch="vit", patch_size=(4, 16, 16))
+PRESETS[Encoder3DConfig] = {  # vit3d_m3d: M3D-CLIP's vision tower, 32x256x256 -> 8x16x16 = 2,048 tokens
+    "vit3d_m3d": dict(_VIT, img_size=(32, 256, 256), hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072),
+    "vit3d_small": dict(_VIT, img_size=(32, 256, 256), hidden_size=384, num_layers=6, num_heads=6, mlp_dim=1536),
+    "vit3d_tiny": dict(_VIT, img_size=(32, 64, 64), hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128),
+    "resnet3d_tiny": dict(arch="resnet", img_size=(32, 64, 64), resnet_layers=(1, 1, 1, 1),
+                          resnet_widths=(16, 32, 64, 128)),
+}
+
 
 logger = logging.getLogger(__name__)
 
@@ -253,17 +292,10 @@ def build_encoder3d(cfg: Encoder3DConfig) -> nn.Module:
 def create_encoder3d(preset_name: str, **overrides: Any) -> nn.Module:
     """timm-style factory: `create_encoder3d("vit3d_tiny", hidden_size=32)`.
 
-    The preset's fields (from `data.config.PRESETS[Encoder3DConfig]`) come first, then the
-    overrides. If the resulting config names `weights`, they are loaded.
+    The preset's fields (`PRESETS[Encoder3DConfig]` above) come first, then the overrides; an
+    unknown preset or field is a ConfigError. If the config names `weights`, they are loaded.
     """
-    table = PRESETS.get(Encoder3DConfig, {})
-    if preset_name not in table:
-        raise ValueError(f"unknown 3D encoder preset {preset_name!r}; known: {sorted(table)}")
-    names = {f.name for f in dataclasses.fields(Encoder3DConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ValueError(f"unknown Encoder3DConfig field(s) {unknown}; valid: {sorted(names)}")
-    cfg = Encoder3DConfig(**{**table[preset_name], **overrides})
+    cfg = from_dict(Encoder3DConfig, {"preset": preset_name, **overrides}, prefix="encoder3d")
     module = build_encoder3d(cfg)
     if cfg.weights:
         load_encoder3d_weights(module, cfg.weights, cfg.weights_key_map)

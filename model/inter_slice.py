@@ -15,12 +15,23 @@ zero, so a fresh module is the identity. Padded slices come out as zeros.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange, reduce
 from torch import nn
 
-from medvlm3d.config import InterSliceConfig
+
+@dataclass
+class InterSliceConfig:
+    """MS-VLM style transformer along the slice axis: [B, S, T, D2] -> [B, S, T, D2]."""
+
+    num_layers: int = 1
+    num_heads: int = 4
+    max_slices: int = 512
+    num_planes: int = 3
+    num_series: int = 4
+    dropout: float = 0.0
 
 
 def sinusoid(pos: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,8 +40,41 @@ from transformers import (
     Qwen2Config,
 )
 
-from medvlm3d.config import LLMConfig, LoRAConfig
+from medvlm3d.config_fields import check_choice
 from medvlm3d.registry import Registry
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass
+class LLMConfig:
+    """HF causal LM: a local folder (`path`) or a tiny model built from these fields."""
+
+    path: str = ""
+    arch: str = "llama"  # LLM_ARCHS name: llama | qwen2, when built from config
+    tokenizer: str = ""  # local tokenizer folder ("" = `path`)
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    intermediate_size: int = 128
+    max_position_embeddings: int = 1024
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def __post_init__(self) -> None:
+        check_choice("llm.arch", self.arch, LLM_ARCHS.names())
+        check_choice("llm.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+
 
 log = logging.getLogger(__name__)
 

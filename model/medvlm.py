@@ -68,7 +68,7 @@ class MedVLM(nn.Module):
 
     Args:
         cfg: the run config; `cfg.model` picks the variant and every component, `cfg.data` the
-            input sizes (the 3D encoder's `img_size` must equal `cfg.data.size`).
+            input sizes (the 3D encoder's `img_size` is derived from `cfg.data.size`).
         tokenizer: a tokenizer holding the `<image>` token (see `model.llm.load_tokenizer`).
         llm: an already built LM (e.g. restored from a checkpoint, adapter included); when None it
             is built from `cfg.model.llm` and wrapped with LoRA if the policy says `lora`.
@@ -85,10 +85,6 @@ class MedVLM(nn.Module):
     ) -> None:
         super().__init__()
         mc = cfg.model
-        if mc.variant != "2d_only" and tuple(mc.encoder3d.img_size) != tuple(cfg.data.size):
-            raise ValueError(
-                f"model.encoder3d.img_size {tuple(mc.encoder3d.img_size)} must equal data.size {tuple(cfg.data.size)}"
-            )
         self.cfg = cfg
         self.variant = mc.variant
         self.tokenizer = tokenizer

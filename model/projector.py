@@ -14,13 +14,24 @@ so token counts can be computed without building a module.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from einops import rearrange
 from torch import nn
 
-from medvlm3d.config import ProjectorConfig
+
+@dataclass
+class ProjectorConfig:
+    """3D pooling + MLP and 2D MLP into the LLM width."""
+
+    pool3d: tuple[int, int, int] = (1, 2, 2)  # kernel on the 3D token grid
+    depth: int = 2  # MLP layers
+    hidden_size: int = 0  # 0 = the LLM width
+    # LayerNorm on the projected tokens, its gain started at the RMS of the LLM's input embeddings,
+    # so visual tokens enter the LLM at the scale of its text tokens
+    out_norm: bool = False
 
 
 def projected_grid(grid: Sequence[int], pool: Sequence[int]) -> tuple[int, int, int]:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import timm
 import torch
@@ -32,8 +34,28 @@ import torch.nn.functional as F
 from einops import rearrange, reduce, repeat
 from torch import nn
 
-from medvlm3d.config import SliceEncoderConfig
+from medvlm3d.config_fields import check_choice
+from medvlm3d.data.errors import ConfigError
 from medvlm3d.model.encoder3d import read_state_dict
+
+
+@dataclass
+class SliceEncoderConfig:
+    """timm 2D backbone over each slice: [B, S, 1, h, w] -> [B, S, T, D2]."""
+
+    model_name: str = "resnet18"
+    in_chans: int = 1  # 1, or 3 by repeating the grey channel
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str = ""
+    num_tokens: int = 4  # T: tokens per slice after pooling
+    chunk_size: int = 64  # slices per backbone call
+    gradient_checkpointing: bool = False  # timm set_grad_checkpointing on the backbone (saves memory)
+
+    def __post_init__(self) -> None:
+        check_choice("slice_encoder.in_chans", self.in_chans, (1, 3))
+        if self.num_tokens < 1 or self.chunk_size < 1:
+            raise ConfigError("slice_encoder.num_tokens and slice_encoder.chunk_size must be >= 1")
+
 
 logger = logging.getLogger(__name__)
 

@@ -42,9 +42,30 @@ import torch
 from einops import rearrange, reduce
 from torch import nn
 
-from medvlm3d.config import PLANES, TGISConfig
+from medvlm3d.config_fields import PLANES, check_choice
+from medvlm3d.data.errors import ConfigError
 from medvlm3d.model.inter_slice import sinusoid
 from medvlm3d.registry import Registry
+
+
+@dataclass
+class TGISConfig:
+    """Text-guided inter-slice scoring (Med-2E3): scores [B, S] and fused z2d [B, T, Dl]."""
+
+    tau: float = 5.0
+    top_k: int = 0  # 0 = soft weighting over all slices
+    text_source: str = "llm"  # llm | hf
+    text_encoder: str = ""  # local HF folder when text_source == "hf"
+    pos_embed: bool = False  # add a learned slice-position (and plane) embedding to each slice's tokens
+    scorer: str = "med2e3"  # slice scorer (SCORERS below): med2e3 (z.t/tau) | context (+ gated cross-slice term)
+
+    def __post_init__(self) -> None:
+        if self.tau <= 0:
+            raise ConfigError(f"tgis.tau must be > 0, got {self.tau}")
+        if self.top_k < 0:
+            raise ConfigError(f"tgis.top_k must be >= 0, got {self.top_k}")
+        check_choice("tgis.text_source", self.text_source, ("llm", "hf"))
+
 
 log = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from peft.tuners.lora import LoraLayer
@@ -33,7 +34,25 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
-from medvlm3d.config import TrainablePolicy
+from medvlm3d.config_fields import check_choice
+
+
+@dataclass
+class TrainablePolicy:
+    """Per component: frozen | full (| lora for the LLM)."""
+
+    encoder3d: str = "full"
+    slice_encoder: str = "full"
+    inter_slice: str = "full"
+    tgis: str = "full"
+    projector: str = "full"
+    llm: str = "lora"
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            allowed = ("frozen", "lora", "full") if f.name == "llm" else ("frozen", "full")
+            check_choice(f"trainable.{f.name}", getattr(self, f.name), allowed)
+
 
 log = logging.getLogger(__name__)
 

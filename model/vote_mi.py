@@ -49,7 +49,26 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from medvlm3d.config import PLANES, VoteMIConfig
+from medvlm3d.config_fields import PLANES, check_choice
+from medvlm3d.data.errors import ConfigError
+
+
+@dataclass
+class VoteMIConfig:
+    """Vote-MI slice selection and teacher distribution."""
+
+    k: int = 5  # each slice votes for its k nearest neighbours
+    num_picks: int = 4
+    teacher: str = "picks"  # off | votes | picks
+    features: str = "intensity"  # intensity | encoder
+    feature_size: int = 16  # side of the downsampled slice used by intensity features
+
+    def __post_init__(self) -> None:
+        check_choice("vote_mi.teacher", self.teacher, ("off", "votes", "picks"))
+        check_choice("vote_mi.features", self.features, ("intensity", "encoder"))
+        if self.k < 1 or self.num_picks < 1:
+            raise ConfigError("vote_mi.k and vote_mi.num_picks must be >= 1")
+
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,10 @@ def vit_cfg(**kw) -> Encoder3DConfig:
 
 def test_registry_names():
     assert ENCODERS3D.names() == ["resnet", "vit"]
+    with pytest.raises(ConfigError, match=r"encoder3d\.arch must be one of \['resnet', 'vit'\], got 'swin'"):
+        Encoder3DConfig(arch="swin")
     with pytest.raises(ValueError, match="unknown 3D encoder 'swin'"):
-        build_encoder3d(Encoder3DConfig(arch="swin"))
+        ENCODERS3D.build("swin", vit_cfg())
 
 
 def test_vit_tokens_shape_and_grid():
@@ -102,9 +104,9 @@ def test_resnet_rejects_bad_stages():
 def test_create_encoder3d_preset_and_overrides():
     enc = create_encoder3d("vit3d_tiny", img_size=(16, 32, 32), hidden_size=32, num_layers=1, num_heads=2)
     assert enc.grid == (4, 2, 2) and enc.out_dim == 32
-    with pytest.raises(ValueError, match="unknown 3D encoder preset 'nope'"):
+    with pytest.raises(ValueError, match=r"encoder3d\.preset: unknown preset 'nope'"):
         create_encoder3d("nope")
-    with pytest.raises(ValueError, match=r"unknown Encoder3DConfig field\(s\) \['depth'\]"):
+    with pytest.raises(ValueError, match=r"unknown config key 'encoder3d\.depth'"):
         create_encoder3d("vit3d_tiny", depth=3)
 
 

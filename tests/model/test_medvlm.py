@@ -163,8 +163,8 @@ REGRESSION_MAX_SCORE = 0.0627558
 
 
 def test_bad_arguments(tiny_cfg, model: MedVLM, phantom_records: list[dict]) -> None:
-    with pytest.raises(ValueError, match="must equal data.size"):
-        build_model(tiny_cfg("data.size=[16,64,64]"))
+    with pytest.raises(ValueError, match="derived from data.size"):  # one value, not two to keep equal
+        tiny_cfg("model.encoder3d.img_size=[16,64,64]")
     with pytest.raises(ValueError, match="RunConfig"):
         build_model({"model": {}})
     batch = batch_for(model, phantom_records, n=2)
