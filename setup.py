@@ -10,6 +10,7 @@ PACKAGES = {
     "medvlm3d": "medvlm3d",
     "medvlm3d.model": "model",
     "medvlm3d.data": "data",
+    "medvlm3d.data.select": "data/select",
     "medvlm3d.train": "train",
     "medvlm3d.eval": "eval",
     "medvlm3d.configs": "configs",

@@ -170,17 +170,24 @@ class TGISConfig:
 
 @dataclass
 class VoteMIConfig:
-    """Vote-MI slice selection and teacher distribution."""
+    """Slice selection and teacher distribution, computed on the data side (data/select/)."""
 
+    selector: str = "votek"  # a name registered in medvlm3d.data.select.SELECTORS
     k: int = 5  # each slice votes for its k nearest neighbours
     num_picks: int = 4
     teacher: str = "picks"  # off | votes | picks
-    features: str = "intensity"  # intensity | encoder
+    features: str = "intensity"  # intensity only (selectors run on the data side, before any encoder)
     feature_size: int = 16  # side of the downsampled slice used by intensity features
+    seed: int = 0  # the `random` selector's seed (combined with each sample's index)
 
     def __post_init__(self) -> None:
         _check_choice("vote_mi.teacher", self.teacher, ("off", "votes", "picks"))
-        _check_choice("vote_mi.features", self.features, ("intensity", "encoder"))
+        if self.features == "encoder":
+            raise ConfigError(
+                "vote_mi.features=encoder is no longer supported: slice selection runs on the data side, "
+                "before the slice encoder, so it cannot use encoder features; use vote_mi.features=intensity"
+            )
+        _check_choice("vote_mi.features", self.features, ("intensity",))
         if self.k < 1 or self.num_picks < 1:
             raise ConfigError("vote_mi.k and vote_mi.num_picks must be >= 1")
 
@@ -257,12 +264,18 @@ class ModelConfig:
     inter_slice: InterSliceConfig = field(default_factory=InterSliceConfig)
     tgis: TGISConfig = field(default_factory=TGISConfig)
     vote_mi: VoteMIConfig = field(default_factory=VoteMIConfig)
+    # pre-selection: `preselector` picks preselect_k of each image's slices on the data side, before
+    # the slice encoder, which then sees only those (0 = off; the 3D branch still sees the volume)
+    preselect_k: int = 0
+    preselector: str = "votek"
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     trainable: TrainablePolicy = field(default_factory=TrainablePolicy)
 
     def __post_init__(self) -> None:
         _check_choice("model.variant", self.variant, VARIANTS)
+        if self.preselect_k < 0:
+            raise ConfigError(f"model.preselect_k must be >= 0 (0 = off), got {self.preselect_k}")
 
 
 # --------------------------------------------------------------------------------------------

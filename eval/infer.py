@@ -165,7 +165,7 @@ def infer(
     report instruction the model was trained with (`data.readers.REPORT_QUESTION`).
     `device_map` (e.g. "auto") spreads a large LLM over several GPUs (see `load_model`)."""
     from medvlm3d.data.readers import REPORT_QUESTION
-    from medvlm3d.model.vote_mi import select_slices
+    from medvlm3d.data.select.votek import select_slices
 
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -257,7 +257,7 @@ def select(
 
     from medvlm3d.data.volume import load_volume
     from medvlm3d.eval.plots import slice_image, to_uint8
-    from medvlm3d.model.vote_mi import select_slices
+    from medvlm3d.data.select.votek import select_slices
 
     planes = tuple(planes)
     bad = [p for p in planes if p not in PLANES]

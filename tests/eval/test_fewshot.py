@@ -46,7 +46,7 @@ def test_random_keep_per_plane_and_seeded() -> None:
 
 
 def test_vote_mi_keep_matches_vote_mi_picks(model: Any, samples: list[dict]) -> None:
-    from medvlm3d.model.vote_mi import select_slices
+    from medvlm3d.data.select.votek import select_slices
 
     s = samples[0]
     mask = torch.ones(16, dtype=torch.bool)
