@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -40,7 +42,7 @@ from torch.utils.data import Dataset
 from medvlm3d.config import DataConfig
 from .errors import DataError
 from .prompts import encode_example, format_record, image_token_id, shuffle_choices
-from .select.step import SelectionPlan, study_tensors
+from .select.step import SelectionPlan, cache_name, study_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +172,18 @@ class StudyDataset(Dataset):
         except Exception as e:  # wrap any loader error so that it names the record
             raise DataError(f"record {rid!r}: cannot load {rec['image']!r}: {e}") from e
 
+    def _selection_cache(self, rec: dict[str, Any], i: int, slice_target: torch.Tensor) -> Path | None:
+        """Where the study's slice selection is cached: beside its preprocessed volume (only with
+        data.cache_dir, and never for augmented training items, whose slices change each draw)."""
+        if self.selection is None or not self.cfg.cache_dir or (self.train and self.cfg.augment):
+            return None
+        from .volume import cache_key
+
+        image = rec["image"]
+        paths = [Path(image)] if isinstance(image, (str, os.PathLike)) else [Path(p) for p in image]
+        name = cache_name(cache_key(paths, self.cfg, _rescale(rec, self._id(i))), self.selection, i, slice_target)
+        return None if name is None else Path(self.cfg.cache_dir) / name
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         rec = self.records[i]
         rid = self._id(i)
@@ -193,7 +207,8 @@ class StudyDataset(Dataset):
         slice_target, has_target = slice_targets(
             rec.get("slice_labels"), study.slice_plane, study.slice_pos, study.native_depth, rid
         )
-        images = study_tensors(study, self.selection, index=i, slice_target=slice_target)
+        images = study_tensors(study, self.selection, index=i, slice_target=slice_target,
+                               cache=self._selection_cache(rec, i, slice_target))
         return {
             "id": rid,
             **images,

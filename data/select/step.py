@@ -16,13 +16,21 @@ The dataset (data/dataset.py), `generate` (model/generation.py) and eval all cal
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .base import Selector, build_selector
 
+log = logging.getLogger(__name__)
 _PER_SLICE = ("slices", "slice_plane", "slice_index", "slice_pos", "slice_target")
 
 
@@ -35,6 +43,7 @@ class SelectionPlan:
     teacher: bool = False  # emit the selector's teacher
     keep: bool = False  # emit the selector's picks as slice_keep
     preselect_k: int = 0
+    key: str = ""  # what the picks depend on (from_config); "" = never cached
 
     @classmethod
     def from_config(cls, model_cfg: Any, teacher: bool = False) -> SelectionPlan:
@@ -50,6 +59,7 @@ class SelectionPlan:
             teacher=want_teacher,
             keep=want_keep,
             preselect_k=k,
+            key=json.dumps([dataclasses.asdict(vm), model_cfg.preselector, k, want_teacher, want_keep], sort_keys=True),
         )
 
 
@@ -65,9 +75,12 @@ def _gather(tensors: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, t
 
 
 def study_tensors(
-    study: Any, plan: SelectionPlan | None = None, index: int = 0, slice_target: torch.Tensor | None = None
+    study: Any, plan: SelectionPlan | None = None, index: int = 0, slice_target: torch.Tensor | None = None,
+    cache: Path | None = None,
 ) -> dict[str, torch.Tensor]:
-    """See the module docstring. `index`: the sample's dataset index (seeds a random selector)."""
+    """See the module docstring. `index`: the sample's dataset index (seeds a random selector).
+    `cache`: a file holding this study's selection (the dataset names it beside the preprocessed
+    volume's cache file): read when present, else written after selecting."""
     out: dict[str, torch.Tensor] = {
         "volume": study.volume,
         "slices": study.slices,
@@ -79,15 +92,63 @@ def study_tensors(
         out["slice_target"] = slice_target
     if plan is None:
         return out
-    n_img, s = study.slices.shape[:2]
+    chosen = _read(cache) if cache is not None else None
+    if chosen is None:
+        chosen = _choose(out, plan, index)
+        if cache is not None:
+            _write(cache, chosen)
+    if "preselect" in chosen:
+        out = _gather(out, chosen["preselect"])
+    return out | {k: v for k, v in chosen.items() if k != "preselect"}
+
+
+def _choose(out: dict[str, torch.Tensor], plan: SelectionPlan, index: int) -> dict[str, torch.Tensor]:
+    """{"preselect": [n_img, k] (when it cuts), "teacher", "slice_keep"}: what the plan picks."""
+    chosen: dict[str, torch.Tensor] = {}
+    n_img, s = out["slices"].shape[:2]
     if plan.preselect is not None and plan.preselect_k < s:
-        keep = torch.stack([
+        chosen["preselect"] = torch.stack([
             plan.preselect(out["slices"][i], out["slice_plane"][i], None, index,
-                           None if slice_target is None else slice_target[i]).keep
+                           out["slice_target"][i] if "slice_target" in out else None).keep
             for i in range(n_img)
         ])
-        out = _gather(out, keep)
-    return select(out, plan, index)
+        out = _gather(out, chosen["preselect"])
+    picked = select(out, plan, index)
+    return chosen | {k: picked[k] for k in ("teacher", "slice_keep") if k in picked}
+
+
+def _read(path: Path) -> dict[str, torch.Tensor] | None:
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except Exception as e:  # a bad cache file is recomputed, never fatal
+        log.warning("%s: unreadable selection cache (%s: %s); recomputed", path, type(e).__name__, e)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _write(path: Path, chosen: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in chosen.items()}, str(tmp))
+        os.replace(tmp, path)
+    except Exception as e:  # a cache that cannot be written never stops training
+        log.warning("%s: cannot write selection cache (%s: %s)", path, type(e).__name__, e)
+        tmp.unlink(missing_ok=True)
+
+
+def cache_name(volume_key: str, plan: SelectionPlan, index: int, slice_target: torch.Tensor | None) -> str | None:
+    """File name of a study's selection beside its volume cache file `<volume_key>.safetensors`
+    (None when the plan has no key, e.g. built by hand): keyed by the plan's config, the sample
+    index (a random selector seeds from it) and the slice labels (the labels selector reads them)."""
+    if not plan.key:
+        return None
+    h = hashlib.sha256(f"{plan.key}|{index}".encode())
+    if slice_target is not None:
+        h.update(slice_target.contiguous().numpy().tobytes())
+    return f"{volume_key}.select-{h.hexdigest()[:16]}.safetensors"
 
 
 def select(images: dict[str, torch.Tensor], plan: SelectionPlan | None, index: int = 0) -> dict[str, torch.Tensor]:

@@ -158,3 +158,18 @@ def test_generate_equals_forward(tiny_cfg, phantom_records: list[dict]) -> None:
     assert gen.slice_index.tolist() == sample["slice_index"][0].tolist()
     with pytest.raises(ValueError, match="unknown keys"):
         model(**{**Collator(model.tokenizer.pad_token_id)([sample]), "bogus": 1})
+
+
+def test_selection_is_cached_beside_the_volume(tiny_cfg, phantom_records: list[dict], tmp_path, monkeypatch) -> None:
+    model = build_model(tiny_cfg("model.preselect_k=5", f"data.cache_dir={tmp_path}"))
+    ds = _dataset(model, phantom_records[:1])
+    first = ds[0]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len([f for f in files if ".select-" in f]) == 1 and len(files) == 2  # volume + selection
+    calls: list[int] = []
+    real = ds.selection.preselect
+    monkeypatch.setattr(ds.selection, "preselect", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = ds[0]
+    assert calls == []  # read back, not recomputed
+    for key in ("slices", "slice_index", "teacher"):
+        assert torch.equal(first[key], again[key])
