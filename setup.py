@@ -11,6 +11,7 @@ PACKAGES = {
     "medvlm3d.model": "model",
     "medvlm3d.data": "data",
     "medvlm3d.data.formats": "data/formats",
+    "medvlm3d.data.select": "data/select",
     "medvlm3d.train": "train",
     "medvlm3d.eval": "eval",
     "medvlm3d.eval.metrics": "eval/metrics",

@@ -15,8 +15,8 @@ run's first does (the cold load per study is printed too). Each case runs in its
   wrapped so that the time spent in `next()` (DataLoader wait, collate included) is measured
   apart from the rest of the step (compute). Target: data wait < 10 % of step time.
     distill on      train.distill_weight=0.5, Vote-MI teacher computed (the stage-2 default)
-    distill 0       train.distill_weight=0 (model.vote_mi.teacher stays on: MedVLM still
-                    computes the teacher, it is only not used by the loss)
+    distill 0       train.distill_weight=0 (the data side then skips the teacher: since the
+                    redesign this row should equal "distill 0+off")
     distill 0+off   train.distill_weight=0 and model.vote_mi.teacher=off (teacher skipped)
     feature cache   distill on, with train.feature_cache_mb=256 filled over every study before
                     timing: the steady state after a real run's first epoch (other cases: off)
@@ -153,12 +153,13 @@ def measure_in_process(overrides: list[str], warmup: int, steps: int, threads: i
                     return fn(*a, **k)
                 finally:
                     teacher["s"] += time.perf_counter() - t0
-                    teacher["calls"] += fn.__name__ == "teacher"
+                    teacher["calls"] += 1
             return wrapper
 
-        vlm.vote_mi.teacher = timed(vlm.vote_mi.teacher)  # instance attributes: this process only
-        vlm._vote_features = timed(vlm._vote_features)
         dataset, collate = build_train_data(cfg, vlm.tokenizer, vlm.num_visual_tokens)
+        plan = getattr(dataset, "selection", None)  # the teacher runs on the data side (data/select/);
+        if plan is not None and plan.select is not None:  # seen here only without DataLoader workers
+            plan.select = timed(plan.select)
         prefill_s = prefill_feature_cache(vlm, dataset, collate, t) if t.feature_cache_mb > 0 else 0.0
         loader, sampler = make_loader(dataset, collate, cfg)
         optimizer = torch.optim.AdamW(param_groups(module, vlm, cfg), lr=t.lr)

@@ -39,7 +39,7 @@ from torch import nn
 
 from medvlm3d.config import TGISConfig, load_config
 from medvlm3d.model.tgis import SCORERS, ContextScorer, masked_softmax, slice_descriptors, volume_normalised
-from medvlm3d.model.vote_mi import intensity_features
+from medvlm3d.data.select.votek import intensity_features
 from medvlm3d.train.losses import distillation_loss, slice_loss
 
 Head = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # features -> logits [N, S]

@@ -13,6 +13,8 @@
       slice_plane [N, S] long, slice_index [N, S] long, slice_pos [N, S] float   (0 where padded)
       slice_target [N, S] float     1 on the question's slice_labels, else 0
       has_slice_target [N] bool
+      teacher [N, S] float          when the samples carry one: the distillation target, 0 where padded
+      slice_keep [N, P] long        when the samples carry one: picked slice positions (2d_only)
       ids, questions, targets: list[str] (length B); records: list[dict]
 
 Left padding is for batched generation (prompts end at the same position). Slices are always
@@ -50,9 +52,6 @@ class Collator:
         self.pad_token_id = int(pad_token_id)
         self.padding_side = padding_side
 
-    def _pad(self, seqs: Sequence[torch.Tensor], value: float, side: str) -> torch.Tensor:
-        return pad_sequence(list(seqs), batch_first=True, padding_value=value, padding_side=side)
-
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not samples:
             raise ValueError("Collator got an empty list of samples")
@@ -71,67 +70,85 @@ class Collator:
         side = self.padding_side
         q_mask = [torch.ones_like(q) for q in text["question_ids"]]
         batch: dict[str, Any] = {
-            "input_ids": self._pad(text["input_ids"], self.pad_token_id, side),
-            "attention_mask": self._pad(text["attention_mask"], 0, side),
-            "labels": self._pad(text["labels"], IGNORE_INDEX, side),
-            "question_ids": self._pad(text["question_ids"], self.pad_token_id, "right"),
-            "question_mask": self._pad(q_mask, 0, "right"),
+            "input_ids": _pad(text["input_ids"], self.pad_token_id, side),
+            "attention_mask": _pad(text["attention_mask"], 0, side),
+            "labels": _pad(text["labels"], IGNORE_INDEX, side),
+            "question_ids": _pad(text["question_ids"], self.pad_token_id, "right"),
+            "question_mask": _pad(q_mask, 0, "right"),
         }
-        batch.update(self._images(samples, ids))
+        batch.update(collate_images(samples, ids))
         batch["ids"] = ids
         batch["questions"] = [str(s.get("question", "")) for s in samples]
         batch["targets"] = [str(s.get("target", "")) for s in samples]
         batch["records"] = [s.get("record", {}) for s in samples]
         return batch
 
-    def _images(self, samples: Sequence[dict[str, Any]], ids: list[str]) -> dict[str, torch.Tensor]:
-        volumes, owner, slices, lengths = [], [], [], []
-        per_image: dict[str, list[torch.Tensor]] = {k: [] for k in _PER_IMAGE_KEYS}
-        has_target = []
-        first_shape = None
-        for b, (s, sid) in enumerate(zip(samples, ids)):
-            vol = torch.as_tensor(s["volume"])
-            if vol.dim() != 5 or vol.shape[1] != 1:
-                raise ValueError(f"sample {sid!r}: volume must be [n_img, 1, D, H, W], got {tuple(vol.shape)}")
-            n_img = int(vol.shape[0])
-            if first_shape is None:
-                first_shape = (sid, tuple(vol.shape[2:]))
-            elif tuple(vol.shape[2:]) != first_shape[1]:
-                raise ValueError(
-                    f"volumes differ in size within a batch: sample {first_shape[0]!r} has D,H,W={first_shape[1]} "
-                    f"but sample {sid!r} has {tuple(vol.shape[2:])}; all volumes must be resized to data.size"
-                )
-            sl = torch.as_tensor(s["slices"])
-            if sl.dim() != 5 or sl.shape[0] != n_img or sl.shape[2] != 1:
-                raise ValueError(f"sample {sid!r}: slices must be [{n_img}, S, 1, h, w], got {tuple(sl.shape)}")
-            n_sl = int(sl.shape[1])
-            for k in _PER_IMAGE_KEYS:
-                t = torch.as_tensor(s[k])
-                if tuple(t.shape) != (n_img, n_sl):
-                    raise ValueError(f"sample {sid!r}: {k} must be [{n_img}, {n_sl}], got {tuple(t.shape)}")
-                per_image[k].extend(t.unbind(0))
-            hst = torch.as_tensor(s.get("has_slice_target", torch.zeros(n_img, dtype=torch.bool)), dtype=torch.bool)
-            if tuple(hst.shape) != (n_img,):
-                raise ValueError(f"sample {sid!r}: has_slice_target must be [{n_img}], got {tuple(hst.shape)}")
-            volumes.append(vol)
-            owner.extend([b] * n_img)
-            slices.extend(sl.unbind(0))
-            lengths.extend([n_sl] * n_img)
-            has_target.append(hst)
 
-        h_w = {tuple(x.shape[-2:]) for x in slices}
-        if len(h_w) > 1:
-            raise ValueError(f"slices differ in size within a batch: {sorted(h_w)}; all must be data.slice_size")
-        n_len = torch.tensor(lengths)
-        s_max = int(n_len.max())
-        return {
-            "volumes": torch.cat(volumes, 0),
-            "image_to_sample": torch.tensor(owner, dtype=torch.long),
-            "slices": self._pad(slices, 0.0, "right"),
-            "slice_mask": torch.arange(s_max)[None, :] < n_len[:, None],
-            "slice_plane": self._pad(per_image["slice_plane"], 0, "right").long(),
-            "slice_index": self._pad(per_image["slice_index"], 0, "right").long(),
-            "slice_pos": self._pad(per_image["slice_pos"], 0.0, "right").float(),
-            "slice_target": self._pad(per_image["slice_target"], 0.0, "right").float(),
-            "has_slice_target": torch.cat(has_target, 0),
-        }
+def _pad(seqs: Sequence[torch.Tensor], value: float, side: str) -> torch.Tensor:
+    return pad_sequence(list(seqs), batch_first=True, padding_value=value, padding_side=side)
+
+
+def collate_images(samples: Sequence[dict[str, Any]], ids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """The image half of a batch: per-sample image tensors (data/select/step.py: study_tensors)
+    -> volumes, image_to_sample, slices (padded), slice_* [N, S], teacher / slice_keep when
+    given. A sample without slice_target gets zeros (e.g. at inference)."""
+    if ids is None:
+        ids = [str(s.get("id", i)) for i, s in enumerate(samples)]
+    volumes, owner, slices, lengths = [], [], [], []
+    per_image: dict[str, list[torch.Tensor]] = {k: [] for k in _PER_IMAGE_KEYS}
+    has_target = []
+    extra: dict[str, list[torch.Tensor]] = {"teacher": [], "slice_keep": []}
+    first_shape = None
+    for b, (s, sid) in enumerate(zip(samples, ids)):
+        vol = torch.as_tensor(s["volume"])
+        if vol.dim() != 5 or vol.shape[1] != 1:
+            raise ValueError(f"sample {sid!r}: volume must be [n_img, 1, D, H, W], got {tuple(vol.shape)}")
+        n_img = int(vol.shape[0])
+        if first_shape is None:
+            first_shape = (sid, tuple(vol.shape[2:]))
+        elif tuple(vol.shape[2:]) != first_shape[1]:
+            raise ValueError(
+                f"volumes differ in size within a batch: sample {first_shape[0]!r} has D,H,W={first_shape[1]} "
+                f"but sample {sid!r} has {tuple(vol.shape[2:])}; all volumes must be resized to data.size"
+            )
+        sl = torch.as_tensor(s["slices"])
+        if sl.dim() != 5 or sl.shape[0] != n_img or sl.shape[2] != 1:
+            raise ValueError(f"sample {sid!r}: slices must be [{n_img}, S, 1, h, w], got {tuple(sl.shape)}")
+        n_sl = int(sl.shape[1])
+        for k in _PER_IMAGE_KEYS:
+            t = torch.as_tensor(s[k]) if k in s or k != "slice_target" else torch.zeros(n_img, n_sl)
+            if tuple(t.shape) != (n_img, n_sl):
+                raise ValueError(f"sample {sid!r}: {k} must be [{n_img}, {n_sl}], got {tuple(t.shape)}")
+            per_image[k].extend(t.unbind(0))
+        hst = torch.as_tensor(s.get("has_slice_target", torch.zeros(n_img, dtype=torch.bool)), dtype=torch.bool)
+        if tuple(hst.shape) != (n_img,):
+            raise ValueError(f"sample {sid!r}: has_slice_target must be [{n_img}], got {tuple(hst.shape)}")
+        for k in extra:
+            if k in s:
+                extra[k].extend(torch.as_tensor(s[k]).unbind(0))
+        volumes.append(vol)
+        owner.extend([b] * n_img)
+        slices.extend(sl.unbind(0))
+        lengths.extend([n_sl] * n_img)
+        has_target.append(hst)
+
+    h_w = {tuple(x.shape[-2:]) for x in slices}
+    if len(h_w) > 1:
+        raise ValueError(f"slices differ in size within a batch: {sorted(h_w)}; all must be data.slice_size")
+    n_len = torch.tensor(lengths)
+    s_max = int(n_len.max())
+    out = {k: _pad(v, 0, "right") for k, v in extra.items() if v}
+    for k, v in out.items():
+        if v.shape[0] != n_len.numel():
+            raise ValueError(f"{k} is given for {v.shape[0]} of the batch's {n_len.numel()} images: all or none")
+    return out | {
+        "volumes": torch.cat(volumes, 0),
+        "image_to_sample": torch.tensor(owner, dtype=torch.long),
+        "slices": _pad(slices, 0.0, "right"),
+        "slice_mask": torch.arange(s_max)[None, :] < n_len[:, None],
+        "slice_plane": _pad(per_image["slice_plane"], 0, "right").long(),
+        "slice_index": _pad(per_image["slice_index"], 0, "right").long(),
+        "slice_pos": _pad(per_image["slice_pos"], 0.0, "right").float(),
+        "slice_target": _pad(per_image["slice_target"], 0.0, "right").float(),
+        "has_slice_target": torch.cat(has_target, 0),
+    }

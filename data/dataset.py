@@ -8,7 +8,11 @@
       question_ids [Lq] long                          the question text alone, no special tokens
       question, target: str                           (data/prompts.py: format_record)
       slice_target [n_img, S] float; has_slice_target [n_img] bool
+      teacher [n_img, S] float; slice_keep [n_img, P] long   (only with a `selection` plan asking)
       record: the manifest dict
+
+The image tensors come from `data/select/step.py: study_tensors` (pre-selection, teacher and
+picks on the data side); with pre-selection S is `model.preselect_k`.
 
 Volumes come from `medvlm3d.data.volume.load_study` with the record's CT rescale slope and
 intercept when its `meta` carries them. The sequence limit is `data_cfg.max_text_len` text
@@ -28,7 +32,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -37,6 +43,7 @@ from torch.utils.data import Dataset
 from medvlm3d.config_fields import MAX_SIDE, PLANES, check_choice, check_positive
 from .errors import ConfigError, DataError
 from .prompts import encode_example, format_record, image_token_id, shuffle_choices
+from .select.step import SelectionPlan, cache_name, study_tensors
 
 
 @dataclass
@@ -167,6 +174,7 @@ class StudyDataset(Dataset):
         tokenizer: Any,
         num_image_tokens: int,
         train: bool = False,
+        selection: SelectionPlan | None = None,
     ) -> None:
         if not isinstance(data_cfg, DataConfig):
             raise ValueError(f"data_cfg must be a DataConfig, got {type(data_cfg).__name__}")
@@ -180,6 +188,7 @@ class StudyDataset(Dataset):
         self.tokenizer = tokenizer
         self.num_image_tokens = int(num_image_tokens)
         self.train = bool(train)
+        self.selection = selection
         self.bad: list[tuple[str, str]] | None = None  # set by validate()
         self._bad_index: list[int] = []
 
@@ -224,6 +233,18 @@ class StudyDataset(Dataset):
         except Exception as e:  # wrap any loader error so that it names the record
             raise DataError(f"record {rid!r}: cannot load {rec['image']!r}: {e}") from e
 
+    def _selection_cache(self, rec: dict[str, Any], i: int, slice_target: torch.Tensor) -> Path | None:
+        """Where the study's slice selection is cached: beside its preprocessed volume (only with
+        data.cache_dir, and never for augmented training items, whose slices change each draw)."""
+        if self.selection is None or not self.cfg.cache_dir or (self.train and self.cfg.augment):
+            return None
+        from .volume import cache_key
+
+        image = rec["image"]
+        paths = [Path(image)] if isinstance(image, (str, os.PathLike)) else [Path(p) for p in image]
+        name = cache_name(cache_key(paths, self.cfg, _rescale(rec, self._id(i))), self.selection, i, slice_target)
+        return None if name is None else Path(self.cfg.cache_dir) / name
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         rec = self.records[i]
         rid = self._id(i)
@@ -247,20 +268,17 @@ class StudyDataset(Dataset):
         slice_target, has_target = slice_targets(
             rec.get("slice_labels"), study.slice_plane, study.slice_pos, study.native_depth, rid
         )
+        images = study_tensors(study, self.selection, index=i, slice_target=slice_target,
+                               cache=self._selection_cache(rec, i, slice_target))
         return {
             "id": rid,
-            "volume": study.volume,
-            "slices": study.slices,
-            "slice_plane": study.slice_plane,
-            "slice_index": study.slice_index,
-            "slice_pos": study.slice_pos,
+            **images,
             "input_ids": torch.tensor(enc["input_ids"], dtype=torch.long),
             "labels": torch.tensor(enc["labels"], dtype=torch.long),
             "attention_mask": torch.tensor(enc["attention_mask"], dtype=torch.long),
             "question_ids": torch.tensor(q_ids, dtype=torch.long),
             "question": question,
             "target": target,
-            "slice_target": slice_target,
             "has_slice_target": has_target,
             "record": rec,
         }

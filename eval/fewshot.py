@@ -11,14 +11,12 @@ while seeing (a) k random slices, (b) the k Vote-MI slices, (c) all slices weigh
     format_fewshot_table(rows) -> str  (with the gain over random slices in points)
     `medvlm3d eval --task classify --protocol voteMI [--k-slices 3] [--shots 0 2] [--support SRC]`
 
-Slice restriction with a 2E3 model. The 2D branch sees only the kept slices: the slice stack
-keeps its S slices [S, 1, h, w] but `slice_mask` [N, S] is False off the kept ones
-(`restrict_slices`), so the slice encoder skips them and TG-IS puts all its mass on the kept
-slices (scores exactly 0 elsewhere). The 3D branch still sees the whole volume, so (a)/(b)
-measure what slice choice adds on top of the 3D tokens, not a 2D-only VLM. k is per plane:
-`random_keep` draws k real slices of each plane (seeded), `vote_mi_keep` takes Vote-MI's k
-picks per plane (vote-k over the intensity features of the model's own slice stack, the model's
-`vote_mi.k` neighbours). (c) is the normal model. A 3d_only model ignores slices: its three rows
+Slice restriction with a 2E3 model, on the data side: `keep_slices` asks a registered selector
+(data/select/: "random" seeded per (seed, sample index), or "votek" with the model's `vote_mi.k`
+neighbours) for k picks per plane, and `restrict_sample` cuts the sample to those slices (with
+their own positions and planes), so the slice encoder sees only them and TG-IS weighs only them.
+The 3D branch still sees the whole volume, so (a)/(b) measure what slice choice adds on top of
+the 3D tokens, not a 2D-only VLM. A plane with fewer than k slices repeats its picks. (c) is the normal model. A 3d_only model ignores slices: its three rows
 are the same run three times (logged). A 2d_only model picks its Vote-MI slices among the kept ones.
 
 Few-shot. For each query, `retrieve_examples` takes the labelled support studies nearest in an
@@ -36,17 +34,18 @@ the support (leave-one-out by image).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from medvlm3d.data.errors import DataError
-from medvlm3d.model.vote_mi import VoteMI, intensity_features, vote_k
+from medvlm3d.data.select import build_selector
+from medvlm3d.data.select.step import SelectionPlan, restrict
+from medvlm3d.data.select.votek import intensity_features, vote_k
 
 from .runner import (LABEL_QUESTION, NO_LABEL, classify_record, eval_dataset, format_table, generate_samples,
                      label_set, parse_choice, task_records, image_key)
@@ -54,71 +53,30 @@ from .runner import (LABEL_QUESTION, NO_LABEL, classify_record, eval_dataset, fo
 log = logging.getLogger(__name__)
 
 SELECTIONS = ("random", "vote_mi", "tgis")
+_SELECTORS = {"random": "random", "vote_mi": "votek"}  # registered selectors (data/select/)
 EMBEDDINGS = ("encoder", "intensity")
 
 
 # ------------------------------------------------------------------------------- slice subsets
 
 
-def _check(mask: torch.Tensor, plane: torch.Tensor, k: int) -> None:
+def keep_slices(model: Any, sample: dict[str, Any], selection: str, k: int, index: int, seed: int = 0) -> torch.Tensor:
+    """keep [n_img, k * planes] long: the registered selector's k picks per plane of each image
+    ("random": seeded by (seed, index), never the global RNG; "vote_mi": the `votek` selector)."""
     if k < 1:
         raise ValueError(f"k must be >= 1 slice per plane, got {k}")
-    if mask.shape != plane.shape or mask.dim() != 1:
-        raise ValueError(f"mask and plane must both be [S], got {tuple(mask.shape)} and {tuple(plane.shape)}")
-
-
-def random_keep(mask: torch.Tensor, plane: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """keep [S] bool: min(k, n) random real slices of each plane (mask [S] bool, plane [S] long)."""
-    _check(mask, plane, k)
-    keep = torch.zeros_like(mask, dtype=torch.bool)
-    for p in sorted(set(plane[mask].tolist())):
-        ids = (mask & (plane == p)).nonzero().flatten()
-        keep[ids[torch.randperm(ids.numel(), generator=generator)[:k]]] = True
-    return keep
-
-
-def vote_mi_keep(model: Any, slices: torch.Tensor, mask: torch.Tensor, plane: torch.Tensor, k: int) -> torch.Tensor:
-    """keep [S] bool: the k Vote-MI picks of each plane over slices [S, 1, h, w] (intensity features)."""
-    _check(mask, plane, k)
-    cfg = dataclasses.replace(model.cfg.model.vote_mi, num_picks=k)
-    keep = torch.zeros_like(mask, dtype=torch.bool)
-    for result in VoteMI(cfg).select(slices[None], mask[None], plane[None])[0].values():
-        keep[result.picks] = True
-    return keep
-
-
-def sample_keep(model: Any, sample: dict[str, Any], selection: str, k: int, generator: torch.Generator) -> torch.Tensor:
-    """keep [n_img, S] bool for one loaded sample (all its slices are real)."""
+    cfg = dataclasses.replace(model.cfg.model.vote_mi, seed=seed, teacher="off")
     rows = []
     for i in range(sample["slices"].shape[0]):
-        mask = torch.ones(sample["slices"].shape[1], dtype=torch.bool)
         plane = sample["slice_plane"][i]
-        rows.append(random_keep(mask, plane, k, generator) if selection == "random"
-                    else vote_mi_keep(model, sample["slices"][i], mask, plane, k))
+        sel = build_selector(_SELECTORS[selection], cfg, k * len(set(plane.tolist())))
+        rows.append(sel(sample["slices"][i], plane, None, index).keep)
     return torch.stack(rows)
 
 
-@contextlib.contextmanager
-def restrict_slices(model: Any, keeps: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Within the block, `model.encode_images` sees slice_mask & keep: keeps are [n_img, S] bool
-    per sample of the next batch, in batch order (padded with False to the batch's S)."""
-    keep = torch.cat([k.bool() for k in keeps])
-    original = model.encode_images
-
-    def encode_images(volumes: torch.Tensor, slices: torch.Tensor, slice_mask: torch.Tensor, *args: Any) -> Any:
-        n, s = slice_mask.shape
-        if keep.shape[0] != n or keep.shape[1] > s:
-            raise ValueError(f"restrict_slices: keep masks {tuple(keep.shape)} do not fit the batch's "
-                             f"slice_mask {(n, s)}")
-        full = torch.zeros(n, s, dtype=torch.bool)
-        full[:, : keep.shape[1]] = keep
-        return original(volumes, slices, slice_mask & full.to(slice_mask.device), *args)
-
-    model.encode_images = encode_images  # an instance attribute shadows the method
-    try:
-        yield
-    finally:
-        del model.encode_images
+def restrict_sample(model: Any, sample: dict[str, Any], keep: torch.Tensor, index: int = 0) -> dict[str, Any]:
+    """The sample cut to its kept slices on the data side (the 2d_only picks chosen among them)."""
+    return restrict(sample, keep, SelectionPlan.from_config(model.cfg.model, teacher=False), index)
 
 
 # ----------------------------------------------------------------------------------- few-shot
@@ -213,21 +171,20 @@ def fewshot_table(
                 prompts[n_shots].append(example_prefix(pairs) + s["question"])
     if model.variant == "3d_only":
         log.warning("few-shot protocol: a 3d_only model ignores slices; the three rows are the same run")
-    gen = torch.Generator().manual_seed(seed)
     y_true = [s["record"]["answer"] for s in samples]
     rows = []
     for sel in SELECTIONS:
-        keeps = None if sel == "tgis" else [sample_keep(model, s, sel, k_slices, gen) for s in samples]
+        keeps = None if sel == "tgis" else [keep_slices(model, s, sel, k_slices, i, seed) for i, s in enumerate(samples)]
+        seen = samples if keeps is None else [restrict_sample(model, s, k, i) for i, (s, k) in enumerate(zip(samples, keeps))]
         row: dict[str, Any] = {
             "selection": sel, "slices": "all (TG-IS)" if sel == "tgis" else f"{k_slices} per plane", "n": len(samples),
-            "kept_slices": [int(k[0].sum()) for k in keeps] if keeps is not None else [None] * len(samples),
+            "kept_slices": [int(k[0].unique().numel()) for k in keeps] if keeps is not None else [None] * len(samples),
             "accuracy": {}, "balanced_accuracy": {}, "unparsed": {}}
         for n_shots in shots:
-            wrap = None if keeps is None else (lambda idx, keeps=keeps: restrict_slices(model, [keeps[i] for i in idx]))
             preds = [""] * len(samples)
-            for i, _, text, _ in generate_samples(model, samples, prompts=prompts.get(n_shots), batch_size=batch_size,
+            for i, _, text, _ in generate_samples(model, seen, prompts=prompts.get(n_shots), batch_size=batch_size,
                                                   max_new_tokens=max_new_tokens, progress=progress,
-                                                  desc=f"{sel} {n_shots}-shot", wrap=wrap):
+                                                  desc=f"{sel} {n_shots}-shot"):
                 preds[i] = text
             y_pred = [parse_choice(p, labels) or NO_LABEL for p in preds]
             with warnings.catch_warnings():  # NO_LABEL is not a true class; "unparsed" counts it

@@ -5,8 +5,10 @@ Python API:
           plot=None, json_path=None, top_k=6, device_map=None) -> dict
         {answer, prompt, volume, task, variant, score_kind ("tgis" | "none"),
          slice_scores: [{plane, index, score}]   TG-IS scores over the real slices (sum 1; [] when
-                                                 the variant has none: 3d_only / 2d_only),
-         teacher: [{plane, index, weight}]       the model's Vote-MI teacher ([] when off),
+                                                 the variant has none: 3d_only / 2d_only); with
+                                                 model.preselect_k only the k kept slices, each
+                                                 under its own index in the volume,
+         teacher: [{plane, index, weight}]       the data-side selector's teacher ([] when off),
          vote_mi: {plane: {indices, votes}}      Vote-MI picks (pick order) and per-slice votes on
                                                  the preprocessed volume [1, D, H, W] (axial index D,
                                                  coronal H, sagittal W), with the checkpoint's vote_mi
@@ -165,7 +167,7 @@ def infer(
     report instruction the model was trained with (`data.readers.REPORT_QUESTION`).
     `device_map` (e.g. "auto") spreads a large LLM over several GPUs (see `load_model`)."""
     from medvlm3d.data.readers import REPORT_QUESTION
-    from medvlm3d.model.vote_mi import select_slices
+    from medvlm3d.data.select.votek import select_slices
 
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -257,7 +259,7 @@ def select(
 
     from medvlm3d.data.volume import load_volume
     from medvlm3d.eval.plots import slice_image, to_uint8
-    from medvlm3d.model.vote_mi import select_slices
+    from medvlm3d.data.select.votek import select_slices
 
     planes = tuple(planes)
     bad = [p for p in planes if p not in PLANES]

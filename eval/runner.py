@@ -14,9 +14,8 @@ closed question whose choices are the sorted label set of all the task's records
 (`classify_record`); `limit` keeps the first N records of the task. Prompts and
 references come from `data/prompts.format_record` through `data/dataset.StudyDataset` (the
 training path: same prompt text, same volume loading with the record's CT rescale, same
-`slice_targets`). Generation is `model.generate` with lists (greedy, `cfg.eval`): one
-preprocessed tensor [1, D, H, W] per study, or the record's path(s) for multi-series studies and
-for `data.num_slices == -1` (then a CT-RATE rescale in `meta` is not applied).
+`slice_targets`, same data-side slice selection). Generation is `generate_batch` (greedy,
+`cfg.eval`) on the samples' own image tensors, the path `model.generate` takes too.
 
 Metrics: the registered metrics (eval/metrics/) named per task in TASK_METRICS, or in the run
 config's `eval.metrics` ({task: [names]}, replacing that task's list), merged in order. By
@@ -161,15 +160,11 @@ def _blind_record(rec: dict[str, Any], donor: dict[str, Any]) -> dict[str, Any]:
 def eval_dataset(model: Any, records: Sequence[dict[str, Any]], prompt_task: str) -> Any:
     """StudyDataset over `records` with the model's data config, prompts formatted for `prompt_task`."""
     from medvlm3d.data.dataset import StudyDataset
+    from medvlm3d.data.select.step import SelectionPlan
 
     cfg = dataclasses.replace(model.cfg.data, task=prompt_task, augment=False)
-    return StudyDataset(records, cfg, model.tokenizer, model.num_visual_tokens, train=False)
-
-
-def _volume_arg(model: Any, sample: dict[str, Any]) -> Any:
-    if sample["volume"].shape[0] == 1 and model.cfg.data.num_slices != -1:
-        return sample["volume"][0]
-    return sample["record"]["image"]
+    plan = SelectionPlan.from_config(model.cfg.model, teacher=False)  # pre-selection, 2d_only picks
+    return StudyDataset(records, cfg, model.tokenizer, model.num_visual_tokens, train=False, selection=plan)
 
 
 def generate_samples(
@@ -185,7 +180,11 @@ def generate_samples(
 ) -> Iterator[tuple[int, dict[str, Any], str, torch.Tensor | None]]:
     """(index, sample, generated text, TG-IS scores [S] or None) per sample, in batches; samples
     load lazily (a StudyDataset reads one batch at a time). `prompts` overrides the samples'
-    questions; `wrap(batch indices)` gives a context entered around each batch's generation."""
+    questions; `wrap(batch indices)` gives a context entered around each batch's generation.
+    The samples' own image tensors (sliced and selected on the data side) go to the model as
+    they are: nothing is sliced twice."""
+    from medvlm3d.model.generation import generate_batch, generation_batch
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if prompts is not None and len(prompts) != len(samples):
@@ -196,8 +195,7 @@ def generate_samples(
             batch = [samples[i] for i in idx]
             questions = [prompts[i] if prompts is not None else s["question"] for i, s in zip(idx, batch)]
             with wrap(idx) if wrap is not None else contextlib.nullcontext():
-                gen = model.generate(volume=[_volume_arg(model, s) for s in batch], prompt=questions,
-                                     max_new_tokens=max_new_tokens)
+                gen = generate_batch(model, generation_batch(model, batch, questions), max_new_tokens=max_new_tokens)
             for j, i in enumerate(idx):
                 yield i, batch[j], gen.text[j], gen.scores[j]
             bar.update(len(idx))

@@ -49,7 +49,7 @@ from medvlm3d.model.projector import ProjectorConfig
 from medvlm3d.model.slice_encoder import SliceEncoderConfig
 from medvlm3d.model.tgis import TGISConfig
 from medvlm3d.model.trainable import TrainablePolicy
-from medvlm3d.model.vote_mi import VoteMIConfig
+from medvlm3d.data.select.base import VoteMIConfig
 from medvlm3d.train.config import TrainConfig
 
 __all__ = [

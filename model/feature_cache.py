@@ -13,8 +13,8 @@ dtype): a key cannot go stale, whatever produced the batch (another study order,
 another padding). SHA-256 rather than BLAKE2: with the CPU's SHA instructions it hashes a 512 KB
 volume 2.6x faster here (11 ms against 29 ms for 32 rows), and hashing is most of a cache hit.
 Inputs shared by several cached functions are hashed once: `keys = row_keys(...)`, then
-`run(..., keys=keys)` for each (MedVLM caches the slice encoder and the Vote-MI teacher, a
-parameter-free function of the slices, under the same keys).
+`run(..., keys=keys)` for each. (The slice-selection teacher is no longer cached here: it is
+computed on the data side, data/select/, and cached with the preprocessed volume.)
 
 A module is cached only when it is frozen (no parameter requires grad) and deterministic (no
 dropout, drop-path or batch-norm in training mode; `MedVLM.train()` holds those layers of a

@@ -1,5 +1,6 @@
-"""Generation on the training path: studies + prompts -> left-padded batch -> visual tokens
-spliced into inputs_embeds -> `llm.generate` -> texts and per-slice scores.
+"""Generation on the training path: studies -> the data-side step (`study_tensors`: slices,
+pre-selection, teacher, picks) + left-padded prompts -> Batch -> `MedVLM.prepare_inputs` (the
+one input-building method, as in forward) -> `llm.generate` -> texts and per-slice scores.
 
     generate(model, volume=path | [paths] | tensor [1,D,H,W] | [tensors], prompt=str | [str])
         -> Generation(text, scores [S] per study over its real slices, slice_index, slice_plane, teacher)
@@ -16,9 +17,13 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from medvlm3d.data.collate import Collator
+from torch.nn.utils.rnn import pad_sequence
+
+from medvlm3d.data.batch import Batch
+from medvlm3d.data.collate import collate_images
 from medvlm3d.data.errors import DataError
 from medvlm3d.data.prompts import encode_prompt
+from medvlm3d.data.select.step import SelectionPlan, study_tensors
 from medvlm3d.data.volume import Study, load_study, slice_views
 
 
@@ -30,7 +35,7 @@ class Generation:
     scores: torch.Tensor | None | list[torch.Tensor | None]  # [S] TG-IS scores over real slices
     slice_index: torch.Tensor | list[torch.Tensor]  # [S] slice index within its plane
     slice_plane: torch.Tensor | list[torch.Tensor]  # [S] plane id (0 axial, 1 coronal, 2 sagittal)
-    teacher: torch.Tensor | None | list[torch.Tensor | None]  # [S] Vote-MI teacher
+    teacher: torch.Tensor | None | list[torch.Tensor | None]  # [S] the data-side selector's teacher
 
 
 def study_from_tensor(volume: torch.Tensor, cfg: Any) -> Study:
@@ -63,29 +68,32 @@ def _as_study(volume: Any, cfg: Any) -> Study:
     raise DataError(f"volume must be a path, a list of series paths, or a tensor [1,D,H,W]; got {type(volume).__name__}")
 
 
-def _sample(model: Any, study: Study, prompt: str) -> dict[str, Any]:
-    tok = model.tokenizer
-    n_img = int(study.volume.shape[0])
-    ids = encode_prompt(tok, prompt, model.num_visual_tokens, n_images=n_img)
-    q_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    s = int(study.slices.shape[1])
+def prompt_batch(tok: Any, prompts: Sequence[str], n_images: Sequence[int], num_image_tokens: int) -> dict[str, Any]:
+    """The text half of a generation batch: input_ids / attention_mask [B, L] left-padded,
+    question_ids / question_mask [B, Lq] right-padded, questions."""
+    ids = [torch.tensor(encode_prompt(tok, p, num_image_tokens, n_images=n), dtype=torch.long)
+           for p, n in zip(prompts, n_images)]
+    q_ids = [torch.tensor(tok(p, add_special_tokens=False)["input_ids"] or [tok.pad_token_id], dtype=torch.long)
+             for p in prompts]
+
+    def pad(seqs: list[torch.Tensor], value: int, side: str) -> torch.Tensor:
+        return pad_sequence(seqs, batch_first=True, padding_value=value, padding_side=side)
+
     return {
-        "id": "",
-        "volume": study.volume,
-        "slices": study.slices,
-        "slice_plane": study.slice_plane,
-        "slice_index": study.slice_index,
-        "slice_pos": study.slice_pos,
-        "input_ids": torch.tensor(ids, dtype=torch.long),
-        "labels": torch.full((len(ids),), -100, dtype=torch.long),
-        "attention_mask": torch.ones(len(ids), dtype=torch.long),
-        "question_ids": torch.tensor(q_ids or [tok.pad_token_id], dtype=torch.long),
-        "question": prompt,
-        "target": "",
-        "slice_target": torch.zeros(n_img, s),
-        "has_slice_target": torch.zeros(n_img, dtype=torch.bool),
-        "record": {},
+        "input_ids": pad(ids, tok.pad_token_id, "left"),
+        "attention_mask": pad([torch.ones_like(x) for x in ids], 0, "left"),
+        "question_ids": pad(q_ids, tok.pad_token_id, "right"),
+        "question_mask": pad([torch.ones_like(x) for x in q_ids], 0, "right"),
+        "questions": list(prompts),
     }
+
+
+def generation_batch(model: Any, images: Sequence[dict[str, torch.Tensor]], prompts: Sequence[str]) -> Batch:
+    """Per-study image tensors (`study_tensors`) + prompts -> a Batch on the model's device."""
+    n_images = [int(x["volume"].shape[0]) for x in images]
+    fields = prompt_batch(model.tokenizer, prompts, n_images, model.num_visual_tokens)
+    fields.update(collate_images(images))
+    return Batch.from_dict(fields).to(model.device)
 
 
 @torch.no_grad()
@@ -98,7 +106,6 @@ def generate(
     temperature: float | None = None,
 ) -> Generation:
     """See the module docstring. Greedy by default (`cfg.eval`)."""
-    ecfg = model.cfg.eval
     batched = isinstance(prompt, (list, tuple))
     prompts = list(prompt) if batched else [prompt]
     volumes = list(volume) if batched else [volume]
@@ -106,28 +113,30 @@ def generate(
         raise ValueError(f"got {len(volumes)} volumes for {len(prompts)} prompts")
     if any(not str(p).strip() for p in prompts):
         raise DataError("prompt is empty: ask a question or give a report instruction")
+    plan = SelectionPlan.from_config(model.cfg.model, teacher=True)
+    images = [study_tensors(_as_study(v, model.cfg.data), plan) for v in volumes]
+    return generate_batch(model, generation_batch(model, images, prompts), batched, max_new_tokens, do_sample,
+                          temperature)
+
+
+@torch.no_grad()
+def generate_batch(
+    model: Any,
+    batch: Batch,
+    batched: bool = True,
+    max_new_tokens: int | None = None,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+) -> Generation:
+    """Generation from a ready Batch (left-padded prompts): what `generate` and eval call."""
+    ecfg = model.cfg.eval
     was_training = model.training
     model.eval()
-    dev = model.device
-    studies = [_as_study(v, model.cfg.data) for v in volumes]
-    batch = Collator(pad_token_id=model.tokenizer.pad_token_id, padding_side="left")(
-        [_sample(model, st, p) for st, p in zip(studies, prompts)]
-    )
-    batch = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-    text = None
-    if model.tgis is not None:
-        text = model.text_features(batch["question_ids"], batch["question_mask"], batch["questions"], batch["image_to_sample"])
-    # Inputs follow the encoders' dtype (bf16 on GPU after load_pretrained(dtype=...)).
-    enc_dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    vis = model.encode_images(
-        batch["volumes"].to(enc_dtype), batch["slices"].to(enc_dtype),
-        batch["slice_mask"], batch["slice_pos"], batch["slice_plane"], text,
-    )
-    embeds = model.splice(batch["input_ids"], vis.tokens)
+    embeds, attention_mask, vis = model.prepare_inputs(batch)
     tok = model.tokenizer
     out_ids = model.llm.generate(
         inputs_embeds=embeds,
-        attention_mask=batch["attention_mask"],
+        attention_mask=attention_mask,
         max_new_tokens=max_new_tokens or ecfg.max_new_tokens,
         do_sample=ecfg.do_sample if do_sample is None else do_sample,
         temperature=(temperature or ecfg.temperature) if (do_sample or ecfg.do_sample) else None,
@@ -138,15 +147,15 @@ def generate(
     if was_training:
         model.train()
 
-    first = batch["image_to_sample"]
+    first = batch.image_to_sample
     per: dict[str, list[Any]] = {"scores": [], "slice_index": [], "slice_plane": [], "teacher": []}
-    for b in range(len(prompts)):
+    for b in range(int(batch.input_ids.shape[0])):
         i = int((first == b).nonzero()[0])  # the sample's first image
-        real = batch["slice_mask"][i]
+        real = batch.slice_mask[i]
         per["scores"].append(None if vis.scores is None else vis.scores[i][real].float().cpu())
         per["teacher"].append(None if vis.teacher is None else vis.teacher[i][real].float().cpu())
-        per["slice_index"].append(batch["slice_index"][i][real].cpu())
-        per["slice_plane"].append(batch["slice_plane"][i][real].cpu())
+        per["slice_index"].append(batch.slice_index[i][real].cpu())
+        per["slice_plane"].append(batch.slice_plane[i][real].cpu())
     if batched:
         return Generation(text=texts, **per)
     return Generation(text=texts[0], **{k: v[0] for k, v in per.items()})

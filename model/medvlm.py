@@ -7,11 +7,12 @@ One training step (N images over B samples; S slices per image, padded; T tokens
     slice_encoder(slices [N,S,1,h,w], mask)   -> [N, S, T, D2] (-> InterSlice) -> Projector2D -> v [N,S,T,Dl]
     text feature of the question              -> t [N, Dt]
     TGIS(x3d, grid, v, t, pos, plane, mask)   -> scores s [N, S] (sum 1 over real slices), z2d [N, T, Dl]
-    VoteMI(slice features, mask, plane)       -> teacher q [N, S] (no grad)
+    teacher q [N, S], slice_keep [N, P]       from the batch: computed on the data side (data/select/)
     visual tokens per variant:
         2e3, 2e3_interslice: [x3d ; z2d]      -> [N, N3' + T, Dl]
         3d_only:             x3d              -> [N, N3', Dl]
-        2d_only:             v at the Vote-MI picks -> [N, num_picks * T, Dl]
+        2d_only:             v at slice_keep  -> [N, num_picks * T, Dl]
+    With model.preselect_k = k the data side already cut slices to [N, k, 1, h, w] (S = k).
     The prompt holds `num_visual_tokens` copies of the <image> token per image (see data/prompts.py);
     those positions of inputs_embeds are overwritten, in order, by the visual tokens.
     LLM(inputs_embeds, attention_mask, labels) -> logits [B, L, V], LM loss.
@@ -28,6 +29,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from medvlm3d.config import RunConfig
+from medvlm3d.data.batch import Batch
 from medvlm3d.model.encoder3d import build_encoder3d, load_encoder3d_weights
 from medvlm3d.model.feature_cache import FeatureCache, check_cacheable, row_keys
 from medvlm3d.model.inter_slice import InterSlice
@@ -36,7 +38,6 @@ from medvlm3d.model.projector import Projector2D, Projector3D
 from medvlm3d.model.slice_encoder import SliceEncoder
 from medvlm3d.model.tgis import TGIS
 from medvlm3d.model.trainable import apply_trainable_policy, hold_frozen_in_eval
-from medvlm3d.model.vote_mi import VoteMI, intensity_features
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,8 @@ class VisualOutput:
     tokens: torch.Tensor  # [N, Nv, Dl]
     scores: torch.Tensor | None = None  # [N, S] TG-IS scores (None for 3d_only / 2d_only)
     logits: torch.Tensor | None = None  # [N, S] TG-IS logits before the softmax
-    teacher: torch.Tensor | None = None  # [N, S] Vote-MI teacher distribution
-    picks: torch.Tensor | None = None  # [N, num_picks] Vote-MI picks (2d_only)
+    teacher: torch.Tensor | None = None  # [N, S] the batch's teacher distribution (passed through)
+    picks: torch.Tensor | None = None  # [N, num_picks] the batch's slice_keep (2d_only)
 
 
 @dataclass
@@ -64,7 +65,7 @@ class MedVLMOutput:
 
 
 class MedVLM(nn.Module):
-    """3D + 2D encoders, TG-IS head, Vote-MI teacher, projectors and a (LoRA) causal LM.
+    """3D + 2D encoders, TG-IS head, projectors and a (LoRA) causal LM.
 
     Args:
         cfg: the run config; `cfg.model` picks the variant and every component, `cfg.data` the
@@ -125,7 +126,6 @@ class MedVLM(nn.Module):
                 self.text_encoder = TextEncoder(mc.tgis.text_encoder)
                 text_dim = self.text_encoder.out_dim
             self.tgis = TGIS(mc.tgis, width, text_dim)
-        self.vote_mi = VoteMI(mc.vote_mi)
         apply_trainable_policy(self.components(), mc.trainable)
         self.feature_cache: FeatureCache | None = None  # enable_feature_cache; never saved
         self._cached_encoders: tuple[str, ...] = ()
@@ -239,8 +239,11 @@ class MedVLM(nn.Module):
         slice_pos: torch.Tensor,
         slice_plane: torch.Tensor,
         text: torch.Tensor | None,
+        teacher: torch.Tensor | None = None,
+        slice_keep: torch.Tensor | None = None,
     ) -> VisualOutput:
-        """volumes [N,1,D,H,W], slices [N,S,1,h,w], slice_mask/pos/plane [N,S], text [N,Dt]
+        """volumes [N,1,D,H,W], slices [N,S,1,h,w], slice_mask/pos/plane [N,S], text [N,Dt],
+        teacher [N,S] (the batch's, passed through), slice_keep [N,P] (2d_only's data-side picks)
         -> VisualOutput with tokens [N, num_visual_tokens, Dl]."""
         x3d = None
         if self.encoder3d is not None:
@@ -248,57 +251,40 @@ class MedVLM(nn.Module):
         if self.variant == "3d_only":
             return VisualOutput(tokens=x3d)
 
-        # the slice encoder and the Vote-MI teacher are both cached functions of the slices: hash once
         keys = None if self.feature_cache is None else row_keys(slices, slice_mask, slice_plane)
         feats = self._encode("slice_encoder", slices, slice_mask, keys=keys)  # [N, S, T, D2]
         if self.inter_slice is not None:
             feats = self.inter_slice(feats, slice_pos, slice_plane, slice_mask)
         v = self.projector2d(feats)  # [N, S, T, Dl]
-        teacher = None
         if self.variant == "2d_only":
-            with torch.no_grad():
-                vm_feats = self._vote_features(slices, feats, slice_mask)
-                teacher = self.vote_mi.teacher(vm_feats, slice_mask, slice_plane)
-            picks = self._picks(vm_feats, slice_mask, slice_plane)  # [N, P]
+            if slice_keep is None:
+                raise ValueError("the 2d_only variant needs the batch's slice_keep [N, num_picks] (data-side picks: "
+                                 "StudyDataset(selection=SelectionPlan.from_config(cfg.model)))")
+            picks = slice_keep.to(v.device).long()
             chosen = torch.gather(v, 1, repeat(picks, "n p -> n p t d", t=v.shape[2], d=v.shape[3]))
             return VisualOutput(tokens=rearrange(chosen, "n p t d -> n (p t) d"), teacher=teacher, picks=picks)
 
-        if self.cfg.model.vote_mi.teacher != "off":
-            teacher = self._teacher(slices, feats, slice_mask, slice_plane, keys)
         out = self.tgis(x3d, self.projector3d.out_grid, v, text, slice_pos, slice_plane, slice_mask)
         tokens = torch.cat([x3d, out.z2d], dim=1)
         return VisualOutput(tokens=tokens, scores=out.scores, logits=out.logits, teacher=teacher)
 
-    @torch.no_grad()
-    def _teacher(self, slices: torch.Tensor, feats: torch.Tensor, mask: torch.Tensor, plane: torch.Tensor,
-                 keys: list[bytes] | None) -> torch.Tensor:
-        """Vote-MI teacher [N, S]. On intensity features it is a fixed function of (slices, mask,
-        plane), so with the feature cache on it is computed once per study, like a frozen encoder."""
-        if self.cfg.model.vote_mi.features == "encoder" or self.feature_cache is None:
-            return self.vote_mi.teacher(self._vote_features(slices, feats, mask), mask, plane)
-
-        def intensity_teacher(s: torch.Tensor, m: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-            return self.vote_mi.teacher(self._vote_features(s, feats, m), m, p)  # feats unused on intensity
-
-        return self.feature_cache.run("vote_mi", intensity_teacher, slices, mask, plane, keys=keys)
-
-    def _vote_features(self, slices: torch.Tensor, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Slice embeddings for Vote-MI: [N, S, F] (intensity features: centred over the real slices)."""
-        if self.cfg.model.vote_mi.features == "encoder":
-            return feats.detach().mean(dim=2)
-        return intensity_features(slices, size=self.cfg.model.vote_mi.feature_size, mask=mask)
-
-    def _picks(self, vm_feats: torch.Tensor, mask: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
-        """Vote-MI picks as slice positions [N, num_picks], in z order, repeated when short."""
-        n_picks = self.cfg.model.vote_mi.num_picks
-        rows = []
-        for i, per_plane in enumerate(self.vote_mi.select(vm_feats, mask, plane)):
-            picked: list[int] = []
-            for result in per_plane.values():
-                picked.extend(result.picks)
-            picked = sorted(picked)[:n_picks] or [0]
-            rows.append((picked * n_picks)[:n_picks])  # cycle when a study has fewer slices than picks
-        return torch.tensor(rows, dtype=torch.long, device=vm_feats.device)
+    def prepare_inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, VisualOutput]:
+        """THE input-building step of `forward` and `generate`: a Batch -> (inputs_embeds [B,L,Dl],
+        attention_mask [B,L], VisualOutput). Images follow the encoders' dtype (bf16 after
+        load_pretrained(dtype=...))."""
+        its = batch.image_to_sample
+        if its.numel() > 1 and bool((its[1:] < its[:-1]).any()):
+            raise ValueError("images must be ordered by sample (image_to_sample non-decreasing)")
+        text = None
+        if self.tgis is not None:
+            text = self.text_features(batch.question_ids, batch.question_mask, batch.questions, its)
+        enc_dtype = next(p for p in self.parameters() if p.is_floating_point()).dtype
+        vis = self.encode_images(
+            batch.volumes.to(enc_dtype), batch.slices.to(enc_dtype), batch.slice_mask, batch.slice_pos,
+            batch.slice_plane, text, teacher=batch.teacher, slice_keep=batch.slice_keep,
+        )
+        embeds = self.splice(batch.input_ids, vis.tokens)
+        return embeds, batch.attention_mask.to(embeds.device), vis
 
     def splice(self, input_ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         """inputs_embeds [B, L, Dl] with the <image> positions of input_ids [B, L] replaced, in
@@ -319,39 +305,23 @@ class MedVLM(nn.Module):
     # ----------------------------------------------------------------------------------------
     # forward and generation
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        volumes: torch.Tensor,
-        slices: torch.Tensor,
-        slice_mask: torch.Tensor,
-        slice_pos: torch.Tensor,
-        slice_plane: torch.Tensor,
-        image_to_sample: torch.Tensor,
-        question_ids: torch.Tensor,
-        question_mask: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        questions: Sequence[str] | None = None,
-        **_: Any,
-    ) -> MedVLMOutput:
-        """A collated batch (see data/collate.py) -> MedVLMOutput; `loss` is the LM loss."""
-        if image_to_sample.numel() > 1 and bool((image_to_sample[1:] < image_to_sample[:-1]).any()):
-            raise ValueError("images must be ordered by sample (image_to_sample non-decreasing)")
-        text = None
-        if self.tgis is not None:
-            text = self.text_features(question_ids, question_mask, questions, image_to_sample)
-        vis = self.encode_images(volumes, slices, slice_mask, slice_pos, slice_plane, text)
-        embeds = self.splice(input_ids, vis.tokens)
+    def forward(self, batch: Batch | None = None, **fields: Any) -> MedVLMOutput:
+        """A `Batch` (data/batch.py), or its fields as keywords (the collator's dict: unknown keys
+        raise) -> MedVLMOutput; `loss` is the LM loss when labels are given."""
+        if batch is None:
+            batch = Batch.from_dict(fields)
+        elif fields:
+            raise TypeError(f"MedVLM.forward: give a Batch or its fields, not both (got {sorted(fields)})")
+        embeds, attention_mask, vis = self.prepare_inputs(batch)
         # A dispatched LLM's accelerate hooks carry the activations from layer to layer.
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask.to(embeds.device), labels=labels, use_cache=False)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=batch.labels, use_cache=False)
         return MedVLMOutput(
             loss=out.loss,
             logits=out.logits,
             scores=vis.scores,
             slice_logits=vis.logits,
             teacher=vis.teacher,
-            slice_mask=slice_mask,
+            slice_mask=batch.slice_mask,
         )
 
     def generate(self, volume: Any = None, prompt: str | Sequence[str] = "", **kwargs: Any) -> Any:

@@ -247,7 +247,11 @@ def build_train_data(cfg: RunConfig, tokenizer: Any, num_visual_tokens: int) -> 
         records = [r for r in records if r.get("task") == "report"]
         if not records:
             raise DataError(f"data.train {cfg.data.train!r} holds no report records, which stage0_clip trains on")
-    ds = StudyDataset(records, cfg.data, tokenizer, num_visual_tokens, train=True)
+    from medvlm3d.data.select.step import SelectionPlan
+
+    # the teacher only when a loss reads it; the 2d_only picks and pre-selection always
+    plan = SelectionPlan.from_config(cfg.model, teacher=stage != "stage0_clip" and cfg.train.distill_weight > 0)
+    ds = StudyDataset(records, cfg.data, tokenizer, num_visual_tokens, train=True, selection=plan)
     if cfg.data.skip_bad_records:
         dropped = ds.drop_bad_records()
         log.info("data.skip_bad_records: dropped %d of %d records after loading each once", dropped, len(records))

@@ -12,9 +12,9 @@ import torch
 from medvlm3d import build_model
 from medvlm3d.cli import main
 from medvlm3d.data.errors import DataError
-from medvlm3d.eval.fewshot import (example_prefix, fewshot_table, format_fewshot_table, random_keep, restrict_slices,
-                                   retrieve_examples, sample_keep, study_embeddings, vote_mi_keep)
-from medvlm3d.eval.runner import classify_record, eval_dataset, label_set, task_records
+from medvlm3d.eval.fewshot import (example_prefix, fewshot_table, format_fewshot_table, keep_slices, restrict_sample,
+                                   retrieve_examples, study_embeddings)
+from medvlm3d.eval.runner import classify_record, eval_dataset, generate_samples, label_set, task_records
 
 
 @pytest.fixture(scope="module")
@@ -30,50 +30,43 @@ def samples(model: Any, phantom_records: list[dict]) -> list[dict]:
     return list(eval_dataset(model, [classify_record(r, labels) for r in recs], "vqa_closed"))
 
 
-def test_random_keep_per_plane_and_seeded() -> None:
-    mask = torch.tensor([True] * 10 + [False] * 2)
-    plane = torch.tensor([0] * 6 + [1] * 4 + [0, 0])
-    keep = random_keep(mask, plane, 3, torch.Generator().manual_seed(1))
-    assert int((keep & (plane == 0)).sum()) == 3 and int((keep & (plane == 1)).sum()) == 3
-    assert not bool((keep & ~mask).any())  # padded slices never kept
-    again = random_keep(mask, plane, 3, torch.Generator().manual_seed(1))
-    assert torch.equal(keep, again)
-    assert int(random_keep(mask, plane, 8, torch.Generator()).sum()) == 10  # capped at the plane's slices
+def test_random_keep_per_plane_seeded_and_off_the_global_rng(model: Any) -> None:
+    sample = {"slices": torch.rand(1, 10, 1, 8, 8), "slice_plane": torch.tensor([[0] * 6 + [1] * 4])}
+    state = torch.get_rng_state()
+    keep = keep_slices(model, sample, "random", 3, index=5, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is never drawn from
+    plane = sample["slice_plane"][0]
+    assert keep.shape == (1, 6) and (plane[keep[0]] == 0).sum() == 3 and (plane[keep[0]] == 1).sum() == 3
+    assert keep[0].unique().numel() == 6
+    assert torch.equal(keep, keep_slices(model, sample, "random", 3, index=5, seed=1))
+    assert not torch.equal(keep, keep_slices(model, sample, "random", 3, index=6, seed=1))  # per sample
     with pytest.raises(ValueError, match="k must be >= 1"):
-        random_keep(mask, plane, 0, torch.Generator())
-    with pytest.raises(ValueError, match="mask and plane"):
-        random_keep(mask, plane[:5], 2, torch.Generator())
+        keep_slices(model, sample, "random", 0, index=0)
 
 
 def test_vote_mi_keep_matches_vote_mi_picks(model: Any, samples: list[dict]) -> None:
-    from medvlm3d.model.vote_mi import select_slices
+    from medvlm3d.data.select.votek import select_slices
 
     s = samples[0]
-    mask = torch.ones(16, dtype=torch.bool)
-    keep = vote_mi_keep(model, s["slices"][0], mask, s["slice_plane"][0], 3)
-    assert int(keep.sum()) == 3
+    keep = keep_slices(model, s, "vote_mi", 3, index=0)
+    assert keep.shape == (1, 3)
     # num_slices 0 and slice_size = (H, W): the stack is the volume's axial slices, so the standalone
     # selection on the volume (same k neighbours, same features) picks the same slices
     ref = select_slices(s["volume"][0], 3, num_neighbours=model.cfg.model.vote_mi.k,
                         feature_size=model.cfg.model.vote_mi.feature_size)
-    assert sorted(keep.nonzero().flatten().tolist()) == sorted(ref["axial"]["indices"])
+    assert keep[0].tolist() == sorted(ref["axial"]["indices"])
 
 
-def test_restricted_slices_carry_all_tgis_mass(model: Any, samples: list[dict]) -> None:
+def test_restricted_samples_carry_only_the_kept_slices(model: Any, samples: list[dict]) -> None:
     batch = samples[:3]
-    gen = torch.Generator().manual_seed(0)
-    keeps = [sample_keep(model, s, "random", 3, gen) for s in batch[:2]]
-    keeps.append(sample_keep(model, batch[2], "vote_mi", 3, gen))
-    assert all(k.shape == (1, 16) and int(k.sum()) == 3 for k in keeps)
-    with restrict_slices(model, keeps):
-        out = model.generate(volume=[s["volume"][0] for s in batch], prompt=[s["question"] for s in batch],
-                             max_new_tokens=1)
-    assert "encode_images" not in vars(model)  # the method is back
-    for scores, keep in zip(out.scores, keeps):
-        assert torch.equal(scores > 0, keep[0])  # TG-IS mass only on the kept slices
-        assert float(scores.sum()) == pytest.approx(1.0, abs=1e-5)
-    with pytest.raises(ValueError, match="do not fit"), restrict_slices(model, keeps[:1]):
-        model.generate(volume=[s["volume"][0] for s in batch], prompt=[s["question"] for s in batch], max_new_tokens=1)
+    keeps = [keep_slices(model, s, "random", 3, i) for i, s in enumerate(batch[:2])]
+    keeps.append(keep_slices(model, batch[2], "vote_mi", 3, 2))
+    seen = [restrict_sample(model, s, k) for s, k in zip(batch, keeps)]
+    assert all(s["slices"].shape[1] == 3 for s in seen) and batch[0]["slices"].shape[1] == 16
+    out = list(generate_samples(model, seen, batch_size=3, max_new_tokens=1, progress=False))
+    for (_, sample, _, scores), keep in zip(out, keeps):
+        assert scores.shape == (3,) and float(scores.sum()) == pytest.approx(1.0, abs=1e-5)
+        assert sample["slice_index"][0].tolist() == keep[0].tolist()  # scores name the kept slices
 
 
 def test_retrieve_examples_nearest_diverse_and_excluding() -> None:

@@ -149,11 +149,11 @@ def test_evaluate_slice_mass_with_fake_scores(model: Any, phantom_records: list[
     fake = torch.arange(1, 17, dtype=torch.float32)
     fake = fake / fake.sum()  # slice j gets (j + 1) / 136
 
-    def generate(volume: list, prompt: list, **_: Any) -> Generation:
-        n = len(prompt)
+    def generate_batch(model: Any, batch: Any, **_: Any) -> Generation:
+        n = int(batch.input_ids.shape[0])
         return Generation(["A."] * n, [fake] * n, [torch.arange(16)] * n, [torch.zeros(16)] * n, [None] * n)
 
-    monkeypatch.setattr(model, "generate", generate)
+    monkeypatch.setattr("medvlm3d.model.generation.generate_batch", generate_batch)  # what eval calls
     res = evaluate(model, phantom_records, "vqa_closed", **FAST)
     labelled = [r for r in task_records(phantom_records, "vqa_closed") if r.get("slice_labels")]
     # native depth 16 = model depth 16: slice j is native slice j

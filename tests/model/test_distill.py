@@ -16,7 +16,7 @@ import torch
 
 from medvlm3d.config import TGISConfig
 from medvlm3d.model.tgis import SCORERS, TGIS, ContextScorer, Med2E3Scorer, volume_normalised
-from medvlm3d.model.vote_mi import VoteMI, intensity_features
+from medvlm3d.data.select.votek import VoteMI, intensity_features
 from medvlm3d.train.losses import distillation_loss
 
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -7,15 +7,18 @@ import torch
 
 from medvlm3d.data.collate import Collator
 from medvlm3d.data.dataset import StudyDataset
+from medvlm3d.data.select.step import SelectionPlan, select
 from medvlm3d.model.medvlm import MedVLM, build_model
 
 
 def batch_for(model: MedVLM, records: list[dict], n: int = 3, drop_slices: dict[int, int] | None = None) -> dict:
-    ds = StudyDataset(records[:n], model.cfg.data, model.tokenizer, model.num_visual_tokens)
+    plan = SelectionPlan.from_config(model.cfg.model, teacher=True)  # teacher and picks on the data side
+    ds = StudyDataset(records[:n], model.cfg.data, model.tokenizer, model.num_visual_tokens, selection=plan)
     samples = [ds[i] for i in range(n)]
     for i, k in (drop_slices or {}).items():  # give sample i fewer slices (S varies in the batch)
         for key in ("slices", "slice_plane", "slice_index", "slice_pos", "slice_target"):
             samples[i][key] = samples[i][key][:, :-k]
+        samples[i] = select(samples[i], plan, i)  # the selection of the shortened stack
     return Collator(model.tokenizer.pad_token_id)(samples)
 
 

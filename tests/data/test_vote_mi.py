@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medvlm3d.config import VoteMIConfig
-from medvlm3d.model.vote_mi import (
+from medvlm3d.data.select.votek import (
     VoteMI,
     greedy_picks,
     intensity_features,

@@ -47,28 +47,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import nn
 
-from medvlm3d.config_fields import PLANES, check_choice
-from medvlm3d.data.errors import ConfigError
+from medvlm3d.config_fields import PLANES
 
-
-@dataclass
-class VoteMIConfig:
-    """Vote-MI slice selection and teacher distribution."""
-
-    k: int = 5  # each slice votes for its k nearest neighbours
-    num_picks: int = 4
-    teacher: str = "picks"  # off | votes | picks
-    features: str = "intensity"  # intensity | encoder
-    feature_size: int = 16  # side of the downsampled slice used by intensity features
-
-    def __post_init__(self) -> None:
-        check_choice("vote_mi.teacher", self.teacher, ("off", "votes", "picks"))
-        check_choice("vote_mi.features", self.features, ("intensity", "encoder"))
-        if self.k < 1 or self.num_picks < 1:
-            raise ConfigError("vote_mi.k and vote_mi.num_picks must be >= 1")
-
+from .base import SELECTORS, SliceSelection, VoteMIConfig, per_plane_keep, real_mask
 
 log = logging.getLogger(__name__)
 
@@ -242,11 +224,10 @@ def teacher_from(
 # per-sample, per-plane
 
 
-class VoteMI(nn.Module):
+class VoteMI:
     """Vote-MI selection and teacher over a batch; no parameters, no gradients."""
 
     def __init__(self, cfg: VoteMIConfig) -> None:
-        super().__init__()
         if cfg.k < 1 or cfg.num_picks < 1 or cfg.feature_size < 1:
             raise ValueError(f"VoteMI: k, num_picks and feature_size must be >= 1, got {cfg}")
         self.cfg = cfg
@@ -303,6 +284,35 @@ class VoteMI(nn.Module):
             q = sum(teacher_from(r, s, mode) for r in per_plane.values()) / len(per_plane)
             rows.append(q)
         return torch.stack(rows).to(features.device)
+
+
+@SELECTORS.register("votek")
+class VoteKSelector:
+    """The `votek` selector: Vote-MI on intensity features, each plane voting among its own
+    slices; teacher per `cfg.teacher`, keep = each plane's share of vote-k picks."""
+
+    def __init__(self, cfg: VoteMIConfig, num_picks: int) -> None:
+        self.cfg, self.num_picks = cfg, int(num_picks)
+        self.vote_mi = VoteMI(cfg)
+
+    @torch.no_grad()
+    def __call__(self, slices: torch.Tensor, plane: torch.Tensor, mask: torch.Tensor | None = None,
+                 index: int = 0, slice_target: torch.Tensor | None = None) -> SliceSelection:
+        m = real_mask(plane, mask)
+        feats = intensity_features(slices, self.cfg.feature_size, m)
+        per_plane = self.vote_mi._per_plane(feats.double(), m, plane.cpu().long())
+        s = int(plane.shape[0])
+        teacher = None
+        if self.cfg.teacher != "off":
+            teacher = sum(teacher_from(r, s, self.cfg.teacher) for r in per_plane.values()) / len(per_plane)
+
+        def pick(ids: torch.Tensor, n: int) -> list[int]:  # vote-k again, with this plane's share
+            group = torch.zeros(s, dtype=torch.bool)
+            group[ids] = True
+            centred = feats.double() - feats.double()[group].mean(0, keepdim=True)
+            return vote_k(centred, self.cfg.k, n, mask=group).picks
+
+        return SliceSelection(teacher=teacher, keep=per_plane_keep(plane, m, self.num_picks, pick))
 
 
 # --------------------------------------------------------------------------------------------
