@@ -233,12 +233,12 @@ def read_series(folder: Path, plan: Plan, budget: Budget | None = None) -> Dicom
     if len(shapes) > 1:
         raise DataError(f"{folder}: slices have different sizes {sorted(shapes)}; expected one volume")
     rows, cols = shapes.pop()
-    iop = _check_iop([ds.get("ImageOrientationPatient") for _, ds in headers], str(folder))
-    order, first, step = _order([ds.get("ImagePositionPatient") for _, ds in headers], iop,
-                                [int(ds.get("InstanceNumber", 0) or 0) for _, ds in headers], str(folder))
     sx, sy, sz = plan((cols, rows, len(headers)))
     if budget is not None:  # Rows x Columns x slices x bytes, summed over the series, before any decoding
         budget((cols, rows, len(headers)), max(_bytes_per_sample(ds) for _, ds in headers), (sx, sy, sz))
+    iop = _check_iop([ds.get("ImageOrientationPatient") for _, ds in headers], str(folder))
+    order, first, step = _order([ds.get("ImagePositionPatient") for _, ds in headers], iop,
+                                [int(ds.get("InstanceNumber", 0) or 0) for _, ds in headers], str(folder))
     keep = order[::sz]
     out = np.empty((len(keep), len(range(0, rows, sy)), len(range(0, cols, sx))), dtype=np.float32)
     for i, k in enumerate(keep):
@@ -273,6 +273,9 @@ def read_multiframe(path: Path, plan: Plan, budget: Budget | None = None) -> Dic
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise DataError(f"{path}: colour DICOM ({ds.SamplesPerPixel} samples per pixel); expected grey values")
     rows, cols = int(ds.Rows), int(ds.Columns)
+    sx, sy, sz = plan((cols, rows, n))
+    if budget is not None:  # Rows x Columns x frames x bytes, before any frame is decoded
+        budget((cols, rows, n), _bytes_per_sample(ds), (sx, sy, sz))
     per = list(ds.get("PerFrameFunctionalGroupsSequence") or [None] * n)
     if len(per) != n:
         raise DataError(f"{path}: {len(per)} per-frame groups for NumberOfFrames={n}")
@@ -284,9 +287,6 @@ def read_multiframe(path: Path, plan: Plan, budget: Budget | None = None) -> Dic
         normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
         positions = [np.asarray(ds.ImagePositionPatient, float) + k * gap * normal for k in range(n)]
     order, first, step = _order(positions, iop, list(range(n)), str(path))
-    sx, sy, sz = plan((cols, rows, n))
-    if budget is not None:  # Rows x Columns x frames x bytes, before any frame is decoded
-        budget((cols, rows, n), _bytes_per_sample(ds), (sx, sy, sz))
     keep = order[::sz]
     out = np.empty((len(keep), len(range(0, rows, sy)), len(range(0, cols, sx))), dtype=np.float32)
     slot = {int(k): i for i, k in enumerate(keep)}
