@@ -8,9 +8,13 @@
         dims x itemsize (the stored voxels, as if read whole) + COPIES x 4 x kept voxels (the
         float32 output and one preprocessing copy of it; `kept` counts voxels after any
         oversize stride).
+    plan_strides(shape, max_voxels, oversize, where) -> strides (data.max_voxels / data.oversize)
     check_budget(dims, itemsize, strides, *, budget, where, what="voxels") -> None
         DataError naming the file, the claimed dims and the budget (data.max_load_bytes) when
         `load_peak_bytes` is over it; 0 or less turns the check off.
+    check_inside(record, roots, where) -> None
+        DataError naming the record and the path when an image resolves (symlinks followed)
+        outside every root (the data root of its dataset; see data.allow_outside_root).
 
 Every reader calls these from the header (npy: numpy.lib.format's header; NIfTI: nibabel's
 header; DICOM: Rows x Columns x frames x BitsAllocated with the pixel data deferred) before it
@@ -20,13 +24,16 @@ decompression bomb is refused in milliseconds.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import stat
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from .errors import DataError
+
+logger = logging.getLogger(__name__)
 
 COPIES = 2  # float32 copies alive at the peak: the reader's output and one preprocessing copy
 Budget = Callable[[Sequence[int], int, Sequence[int]], None]  # (dims, itemsize, strides) -> None or DataError
@@ -75,4 +82,38 @@ def check_budget(dims: Sequence[int], itemsize: int, strides: Sequence[int], *, 
         )
 
 
-__all__ = ["COPIES", "Budget", "check_budget", "check_regular", "load_peak_bytes"]
+def plan_strides(shape: Sequence[int], max_voxels: int, oversize: str, where: str) -> tuple[int, ...]:
+    """Integer strides that bring `shape` under `max_voxels`, or DataError (oversize "refuse").
+
+    Downsampling caps every axis at the largest length c with prod(min(s, c)) <= max_voxels (so
+    the longest axes are thinned first) and strides each axis by ceil(s / c): a few dozen integer
+    steps whatever the claimed size, nothing allocated."""
+    shape = [int(s) for s in shape]
+    n = math.prod(shape)
+    if n <= max_voxels:
+        return (1,) * len(shape)
+    if oversize == "refuse":
+        raise DataError(f"{where}: {tuple(shape)} = {n} voxels exceeds max_voxels={max_voxels} (oversize='refuse')")
+    lo, hi = 1, max(shape)  # prod(min(s, lo)) = 1 <= max_voxels < prod(min(s, hi)) = n
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if math.prod(min(s, mid) for s in shape) <= max_voxels else (lo, mid)
+    strides = tuple(-(-s // lo) for s in shape)
+    logger.warning("%s: %s voxels over max_voxels=%d; stride-subsampled by %s", where, tuple(shape), max_voxels,
+                   list(strides))
+    return strides
+
+
+def check_inside(rec: dict[str, Any], roots: Sequence[Path], where: str) -> None:
+    """DataError naming the record and the path unless every image of `rec` lies inside one of
+    `roots`, symlinks resolved (a link pointing outside is outside; `..` cannot climb out)."""
+    real_roots = [Path(os.path.realpath(r)) for r in roots]
+    for p in rec["image"] if isinstance(rec["image"], list) else [rec["image"]]:
+        real = Path(os.path.realpath(p))
+        if not any(real.is_relative_to(r) for r in real_roots):
+            inside = " or ".join(str(r) for r in real_roots)
+            raise DataError(f"{where} (id {rec['id']!r}): image {p!r} resolves to {real}, outside the data root "
+                            f"{inside}; move it inside, or set data.allow_outside_root=true")
+
+
+__all__ = ["COPIES", "Budget", "check_budget", "check_inside", "check_regular", "load_peak_bytes", "plan_strides"]

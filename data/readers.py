@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from .errors import ConfigError, DataError
-from .guard import check_regular
+from .guard import check_inside, check_regular
 
 logger = logging.getLogger(__name__)
 
@@ -242,18 +242,6 @@ def _resolve(rec: Record, base: Path) -> Record:
     return rec
 
 
-def check_inside(rec: Record, roots: Sequence[Path], where: str) -> None:
-    """DataError naming the record and the path unless every image of `rec` lies inside one of
-    `roots`, symlinks resolved (a link pointing outside is outside; `..` cannot climb out)."""
-    real_roots = [Path(os.path.realpath(r)) for r in roots]
-    for p in rec["image"] if isinstance(rec["image"], list) else [rec["image"]]:
-        real = Path(os.path.realpath(p))
-        if not any(real.is_relative_to(r) for r in real_roots):
-            inside = " or ".join(str(r) for r in real_roots)
-            raise DataError(f"{where} (id {rec['id']!r}): image {p!r} resolves to {real}, outside the data root "
-                            f"{inside}; move it inside, or set data.allow_outside_root=true")
-
-
 def _collect(
     candidates: Iterable[Candidate], *, skip: bool, check_files: bool, base: Path | None, report: ReadReport,
     roots: Sequence[Path] = (),
@@ -354,9 +342,7 @@ def read_records(
     choices of M3D-VQA. `ct_rate_target` "findings_impressions" appends the impressions.
     `skip_bad_records`: log (warning) and skip bad records instead of raising on the first; use
     `read_records_report` to get their count and reasons. `check_files`: check that images exist.
-    `allow_outside_root`: accept image paths outside the format's data root (the manifest's folder,
-    the M3D data root, the CT-RATE root; and `data_root` when given); by default a `../` or an
-    absolute path leading outside (symlinks resolved) is a DataError naming the record.
+    `allow_outside_root`: accept images outside the format's `roots` (else a DataError per record).
     """
     return read_records_report(
         source,

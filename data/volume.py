@@ -79,7 +79,7 @@ from safetensors.torch import load_file, save_file
 from medvlm3d.config import PLANES, DataConfig
 from .dicom import is_dicom_file, read_dicom
 from .errors import DataError
-from .guard import check_budget, check_regular
+from .guard import check_budget, check_regular, plan_strides  # noqa: F401 (plan_strides: re-exported)
 from .nifti import read_nifti
 from .npy import read_npy
 from .transforms import (PREPROCESS_FIELDS, augment_transforms, build_transforms, cfg_key,  # noqa: F401
@@ -105,28 +105,6 @@ class Study:
 
 
 # ------------------------------------------------------------------------------------- reading
-
-
-def plan_strides(shape: Sequence[int], max_voxels: int, oversize: str, where: str) -> tuple[int, ...]:
-    """Integer strides that bring `shape` under `max_voxels`, or DataError (oversize "refuse").
-
-    Downsampling caps every axis at the largest length c with prod(min(s, c)) <= max_voxels (so
-    the longest axes are thinned first) and strides each axis by ceil(s / c): a few dozen integer
-    steps whatever the claimed size, nothing allocated."""
-    shape = [int(s) for s in shape]
-    n = math.prod(shape)
-    if n <= max_voxels:
-        return (1,) * len(shape)
-    if oversize == "refuse":
-        raise DataError(f"{where}: {tuple(shape)} = {n} voxels exceeds max_voxels={max_voxels} (oversize='refuse')")
-    lo, hi = 1, max(shape)  # prod(min(s, lo)) = 1 <= max_voxels < prod(min(s, hi)) = n
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if math.prod(min(s, mid) for s in shape) <= max_voxels else (lo, mid)
-    strides = tuple(-(-s // lo) for s in shape)
-    logger.warning("%s: %s voxels over max_voxels=%d; stride-subsampled by %s", where, tuple(shape), max_voxels,
-                   list(strides))
-    return strides
 
 
 def _check_spatial(shape: Sequence[int], where: str) -> None:

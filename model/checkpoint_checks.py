@@ -90,7 +90,8 @@ def read_run_config(root: Path) -> Any:
     try:
         return load_config(path)
     except ConfigError as e:
-        raise ConfigError(str(e) if str(path) in str(e) else f"{path}: {e}") from e
+        text = " ".join(str(e).split())  # YAML errors span lines: one line, naming the file
+        raise ConfigError(text if str(path) in text else f"{path}: {text}") from e
     except DataError:
         raise
     except (ValueError, OSError, TypeError) as e:  # YAML syntax, bad bytes: one line naming the file
