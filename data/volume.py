@@ -17,8 +17,9 @@ Reading (`_read`):
     Fortran-ordered voxels to C order (about 1 s per 512x512x200 volume here).
   - DICOM series folder / multi-frame file: pydicom (`data/dicom.py`: sorted along the slice
     normal, RescaleSlope/Intercept applied, LPS -> RAS affine; missing slices are an error).
-  - M3D `.npy`: `data/npy.py` (header checked first; `np.load(allow_pickle=False)`), [1, D, H, W] or [D, H, W], already in [0, 1],
-    passed through (identity affine, no orientation or windowing).
+  - M3D `.npy`: `data/npy.py` (header checked first; `np.load(allow_pickle=False)`),
+    [1, D, H, W] or [D, H, W], already in [0, 1], passed through (identity affine, no
+    orientation or windowing).
 Only regular files and folders are opened (a FIFO or device is a DataError at once, data/guard.py).
 Inputs over `max_voxels` are refused or stride-subsampled *before* conversion to float, and the
 peak memory of a load (stored voxels + float32 copies, from the header) must fit
