@@ -104,15 +104,16 @@ def plan_strides(shape: Sequence[int], max_voxels: int, oversize: str, where: st
     return strides
 
 
-def check_inside(rec: dict[str, Any], roots: Sequence[Path], where: str) -> None:
-    """DataError naming the record and the path unless every image of `rec` lies inside one of
-    `roots`, symlinks resolved (a link pointing outside is outside; `..` cannot climb out)."""
+def check_inside(rec: dict[str, Any], roots: Sequence[Path], where: str, key: str = "image") -> None:
+    """DataError naming the record and the path unless every path under `rec[key]` lies inside one
+    of `roots`, symlinks resolved (a link pointing outside is outside; `..` cannot climb out)."""
     real_roots = [Path(os.path.realpath(r)) for r in roots]
-    for p in rec["image"] if isinstance(rec["image"], list) else [rec["image"]]:
+    for p in rec[key] if isinstance(rec[key], list) else [rec[key]]:
         real = Path(os.path.realpath(p))
         if not any(real.is_relative_to(r) for r in real_roots):
             inside = " or ".join(str(r) for r in real_roots)
-            raise DataError(f"{where} (id {rec['id']!r}): image {p!r} resolves to {real}, outside the data root "
+            rid = f" (id {rec['id']!r})" if "id" in rec else ""
+            raise DataError(f"{where}{rid}: {key} {str(p)!r} resolves to {real}, outside the data root "
                             f"{inside}; move it inside, or set data.allow_outside_root=true")
 
 

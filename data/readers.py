@@ -309,7 +309,8 @@ def read_records_report(
         raise ValueError(f"split applies to multi-split sources ({_multi_split()}) only; a {kind} file is one split "
                          "already")
     report = ReadReport(records=[], kind=kind, source=str(path))
-    options = {"vqa_mode": vqa_mode, "ct_rate_target": ct_rate_target, "check_files": check_files}
+    options = {"vqa_mode": vqa_mode, "ct_rate_target": ct_rate_target, "check_files": check_files,
+               "allow_outside_root": allow_outside_root}
     candidates = fmt.candidates(path, split=split, data_root=root, options=options)
     base = fmt.base_dir(path)
     roots = () if allow_outside_root else fmt.roots(path, root)

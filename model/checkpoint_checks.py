@@ -2,8 +2,8 @@
 
     read_meta(root) -> dict                    checkpoint.json, strict JSON, format_version an int
     read_run_config(root) -> RunConfig         config.yaml; a ConfigError names the file
-    check_folder(root)                         no pickled weights (.bin, .pt, ...) in the folder,
-                                               every .safetensors file's header readable
+    check_folder(root)                         only regular files, no pickled weights (.bin, .pt, ...)
+                                               in the folder, every .safetensors header readable
     load_tensors(path) -> {name: Tensor}       safetensors only; truncated / pickle -> DataError
     check_state(model, state, path, skip=())   every key present with the module's shape, nothing extra
     check_llm_keys(llm, folder)                the LLM folder's tensor names cover the LLM, no extra
@@ -30,7 +30,7 @@ from medvlm3d.data.guard import check_regular
 
 FORMAT_VERSION = 1
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-SUBFOLDERS = ("", "llm", "adapter")
+SUBFOLDERS = ("", "llm", "adapter", "tokenizer")
 _SHOW = 5  # keys listed in a mismatch message
 
 
@@ -100,13 +100,14 @@ def read_run_config(root: Path) -> Any:
 
 
 def check_folder(root: Path) -> None:
-    """Refuse pickle-based weight files and unreadable safetensors headers in `root`, `root/llm`
-    and `root/adapter` (header only: nothing is loaded)."""
+    """Refuse special files (FIFOs...), pickle-based weight files and unreadable safetensors headers
+    in `root`, `root/llm`, `root/adapter` and `root/tokenizer` (headers only: nothing is loaded)."""
     for sub in SUBFOLDERS:
         folder = root / sub if sub else root
         if not folder.is_dir():
             continue
         for f in sorted(folder.iterdir()):
+            check_regular(f, "a checkpoint file")  # a FIFO would block HF's loaders
             if f.suffix.lower() in PICKLED_SUFFIXES:
                 raise DataError(f"{f}: a pickle-based weight file inside a medvlm3d checkpoint; checkpoints hold "
                                 "safetensors only (nothing is unpickled). Convert it once with "

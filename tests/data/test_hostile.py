@@ -335,3 +335,17 @@ def test_m3d_vqa_path_escaping_the_m3d_root_is_refused(tmp_path: Path, outside: 
     csv.write_text(cols + "../secret.npy,1,Which plane?,axial,coronal,,,axial,A\n")
     e = within(LIMIT_S, lambda: read_records(csv, check_files=False))
     assert_data_error(e, "secret.npy", match="outside the data root")
+
+
+def test_m3d_cap_report_text_escaping_the_root_is_never_read(tmp_path: Path, outside: Path) -> None:
+    import json
+
+    root = tmp_path / "m3d"
+    (root / "cap").mkdir(parents=True)
+    (tmp_path / "passwd.txt").write_text("root:x:0:0")
+    index = root / "cap" / "M3D_Cap.json"
+    index.write_text(json.dumps({"train": [{"image": "a.npy", "text": "../passwd.txt"}]}))
+    e = within(LIMIT_S, lambda: read_records(index, check_files=False))
+    assert_data_error(e, "passwd.txt", match="text .* outside the data root")
+    recs = read_records(index, check_files=False, allow_outside_root=True)
+    assert recs[0]["answer"] == "root:x:0:0"

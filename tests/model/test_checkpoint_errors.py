@@ -9,6 +9,7 @@ import os
 import re
 import pickle
 import shutil
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -156,6 +157,26 @@ def test_init_from_a_damaged_checkpoint_is_also_clear(copy: Path, tiny_cfg) -> N
     _truncate(copy / "model.safetensors")
     with pytest.raises(DataError, match="model.safetensors: not a readable safetensors file"):
         ckpt.init_from_checkpoint(tiny_cfg(), copy)
+
+
+@pytest.mark.parametrize("rel", ["tokenizer/tokenizer.json", "llm/config.json", "checkpoint.json"])
+def test_a_fifo_in_the_checkpoint_is_refused_not_waited_on(copy: Path, rel: str) -> None:
+    target = copy / rel
+    target.unlink()
+    os.mkfifo(target)
+    box: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            medvlm3d.load_pretrained(copy)
+        except BaseException as e:  # noqa: BLE001 - checked below
+            box.append(e)
+
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    t.join(30)  # a hard limit: opening the FIFO would block forever
+    assert not t.is_alive(), "load_pretrained hangs on a FIFO"
+    assert box and isinstance(box[0], DataError) and re.search(rf"{re.escape(str(target))}: is a FIFO", str(box[0]))
 
 
 def test_the_intact_copy_still_loads(copy: Path) -> None:
