@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from medvlm3d.config import save_config
 from medvlm3d.data.errors import DataError
 from medvlm3d.model.checkpoint_checks import (FORMAT_VERSION, check_folder, check_llm_keys, check_state, first_line,
-                                              load_tensors, read_meta, read_run_config)
+                                              llm_shape_mismatches, load_tensors, read_meta, read_run_config)
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +161,9 @@ def _restore_llm(
     except (OSError, RuntimeError, ValueError) as e:  # HF's loader: truncated / mismatched weights
         if isinstance(e, (DataError, torch.cuda.OutOfMemoryError)):
             raise
-        raise DataError(f"{llm_cfg.path}: cannot load the LLM ({first_line(e)}); expected the HF model folder "
-                        "written by save_pretrained (safetensors)") from e
+        shapes = llm_shape_mismatches(Path(llm_cfg.path))
+        raise DataError(f"{llm_cfg.path}: cannot load the LLM ({first_line(e)}){shapes}; expected the HF model "
+                        "folder written by save_pretrained (safetensors)") from e
     if llm_cfg.path == str(root / "llm"):
         check_llm_keys(llm, root / "llm")
     if (root / "adapter").is_dir():

@@ -7,6 +7,7 @@
     load_tensors(path) -> {name: Tensor}       safetensors only; truncated / pickle -> DataError
     check_state(model, state, path, skip=())   every key present with the module's shape, nothing extra
     check_llm_keys(llm, folder)                the LLM folder's tensor names cover the LLM, no extra
+    llm_shape_mismatches(folder) -> str        wrongly shaped tensors of an HF folder, for a message
     first_line(e) -> "<Type>: first line"      for wrapping a library's exception text
 
 Policy (README "Checkpoints"): inside a medvlm3d checkpoint folder, weights are safetensors only.
@@ -181,5 +182,26 @@ def check_llm_keys(llm: torch.nn.Module, folder: Path) -> None:
                         "folder written by save_pretrained")
 
 
+def llm_shape_mismatches(folder: Path) -> str:
+    """", first mismatches: name (expected [...], found [...])" between an HF folder's config.json
+    and its safetensors files (the model built on the meta device: no memory); "" when none
+    are found or the folder's config cannot be built."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            own = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder))).state_dict()
+        wrong = []
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    found = tuple(fh.get_slice(k).get_shape())
+                    if k in own and tuple(own[k].shape) != found:
+                        wrong.append((k, tuple(own[k].shape), found))
+    except Exception:  # noqa: BLE001 - only a better message is lost
+        return ""
+    return f"; {len(wrong)} tensor(s) of the wrong shape: {_shape_lines(sorted(wrong)[:_SHOW])}" if wrong else ""
+
+
 __all__ = ["FORMAT_VERSION", "PICKLED_SUFFIXES", "check_folder", "check_llm_keys", "check_state", "first_line",
-           "load_tensors", "read_meta", "read_run_config"]
+           "llm_shape_mismatches", "load_tensors", "read_meta", "read_run_config"]

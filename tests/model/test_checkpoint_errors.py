@@ -103,7 +103,7 @@ CASES = [
     ("truncated-llm", "llm/model.safetensors", _truncate, r"not a readable safetensors file"),
     ("truncated-adapter", "adapter/adapter_model.safetensors", _truncate, r"not a readable safetensors file"),
     ("llm-wrong-shapes", "llm/model.safetensors", lambda p: _edit_tensors(p, _reshape_first_two),
-     r"llm: cannot load the LLM|wrong shape"),
+     r"llm: cannot load the LLM .*2 tensor\(s\) of the wrong shape: \S+ \(expected \[\d+, \d+\], found"),
     ("pickle-as-model", "model.safetensors", _pickle_over, r"it is a pickle.*never unpickles"),
     ("pickle-as-llm", "llm/model.safetensors", _pickle_over, r"it is a pickle.*never unpickles"),
     ("torch-zip-as-model", "model.safetensors", _torch_zip_over, r"zip archive.*never unpickles"),
