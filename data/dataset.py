@@ -84,6 +84,8 @@ class DataConfig:
     cache_dir: str = ""
     max_voxels: int = 1024 * 1024 * 1024
     oversize: str = "downsample"  # downsample | refuse
+    max_load_bytes: int = 2 * 1024**3  # peak memory of one volume load, from its header (data/guard.py); <= 0: off
+    allow_outside_root: bool = False  # records may name images outside their data root (../, absolute paths)
     skip_bad_records: bool = False
     max_text_len: int = 256
     num_workers: int = 0

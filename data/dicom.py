@@ -19,7 +19,8 @@ Malformed series are DataErrors naming the folder or file: no DICOM file, severa
 (SeriesInstanceUID) or orientations in one folder, a DICOM file without SeriesInstanceUID (a
 truncated or damaged header), two slices at one position, slices of different sizes, a file
 without pixel data or with undecodable pixel data. Files that are not DICOM at all (notes,
-.DS_Store, thumbnails) are skipped (logged at debug level), as a PACS import would.
+.DS_Store, thumbnails) are skipped (logged at debug level), as a PACS import would; a FIFO,
+socket or device in the folder is a DataError (it would block the reader).
 
 Missing slices are an error, not a warning: when a gap between neighbouring slices exceeds
 `GAP_FACTOR` (1.5) times the median spacing, the series is refused, naming the positions
@@ -49,6 +50,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import iter_pixels
 
 from .errors import DataError
+from .guard import Budget, check_regular
 
 logger = logging.getLogger(__name__)
 
@@ -191,10 +193,17 @@ def _check_iop(iops: list[Any], where: str) -> Any:
     return known[0] if len(known) == len(iops) else None
 
 
-def read_series(folder: Path, plan: Plan) -> DicomVolume:
+def _bytes_per_sample(ds: Any) -> int:
+    return max(1, int(ds.get("BitsAllocated", 16) or 16) // 8) * max(1, int(ds.get("SamplesPerPixel", 1) or 1))
+
+
+def read_series(folder: Path, plan: Plan, budget: Budget | None = None) -> DicomVolume:
     """A folder of single-frame DICOM files of one series (a lone multi-frame file also works)."""
     headers: list[tuple[Path, Any]] = []
-    for f in sorted(p for p in folder.iterdir() if p.is_file() and p.name.upper() != "DICOMDIR"):
+    members = sorted(p for p in folder.iterdir() if not p.is_dir() and p.name.upper() != "DICOMDIR")
+    for f in members:
+        check_regular(f, "a DICOM series member", dir_ok=False)  # a FIFO here would block dcmread
+    for f in members:
         try:
             headers.append((f, pydicom.dcmread(f, defer_size="4 KB")))  # pixel data seen, not loaded
         except InvalidDicomError:
@@ -217,17 +226,19 @@ def read_series(folder: Path, plan: Plan) -> DicomVolume:
         raise DataError(f"{folder}: holds {len(series)} different series: {'; '.join(parts[:3])}"
                         f"{' ...' if len(parts) > 3 else ''}; expected one series per folder")
     if len(headers) == 1:
-        return read_multiframe(headers[0][0], plan)
+        return read_multiframe(headers[0][0], plan, budget)
     for f, ds in headers:
         _check_pixels(ds, str(f), 1)
     shapes = {(int(ds.get("Rows", 0)), int(ds.get("Columns", 0))) for _, ds in headers}
     if len(shapes) > 1:
         raise DataError(f"{folder}: slices have different sizes {sorted(shapes)}; expected one volume")
     rows, cols = shapes.pop()
+    sx, sy, sz = plan((cols, rows, len(headers)))
+    if budget is not None:  # Rows x Columns x slices x bytes, summed over the series, before any decoding
+        budget((cols, rows, len(headers)), max(_bytes_per_sample(ds) for _, ds in headers), (sx, sy, sz))
     iop = _check_iop([ds.get("ImageOrientationPatient") for _, ds in headers], str(folder))
     order, first, step = _order([ds.get("ImagePositionPatient") for _, ds in headers], iop,
                                 [int(ds.get("InstanceNumber", 0) or 0) for _, ds in headers], str(folder))
-    sx, sy, sz = plan((cols, rows, len(headers)))
     keep = order[::sz]
     out = np.empty((len(keep), len(range(0, rows, sy)), len(range(0, cols, sx))), dtype=np.float32)
     for i, k in enumerate(keep):
@@ -248,7 +259,7 @@ def read_series(folder: Path, plan: Plan) -> DicomVolume:
     return DicomVolume(out.transpose(2, 1, 0), affine, _modality(headers[0][1]), (cols, rows, len(headers)))
 
 
-def read_multiframe(path: Path, plan: Plan) -> DicomVolume:
+def read_multiframe(path: Path, plan: Plan, budget: Budget | None = None) -> DicomVolume:
     """One multi-frame (e.g. Enhanced CT / MR) DICOM file; frames are sorted like a series."""
     try:
         ds = pydicom.dcmread(path, defer_size="256 KB")
@@ -262,6 +273,9 @@ def read_multiframe(path: Path, plan: Plan) -> DicomVolume:
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise DataError(f"{path}: colour DICOM ({ds.SamplesPerPixel} samples per pixel); expected grey values")
     rows, cols = int(ds.Rows), int(ds.Columns)
+    sx, sy, sz = plan((cols, rows, n))
+    if budget is not None:  # Rows x Columns x frames x bytes, before any frame is decoded
+        budget((cols, rows, n), _bytes_per_sample(ds), (sx, sy, sz))
     per = list(ds.get("PerFrameFunctionalGroupsSequence") or [None] * n)
     if len(per) != n:
         raise DataError(f"{path}: {len(per)} per-frame groups for NumberOfFrames={n}")
@@ -273,7 +287,6 @@ def read_multiframe(path: Path, plan: Plan) -> DicomVolume:
         normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
         positions = [np.asarray(ds.ImagePositionPatient, float) + k * gap * normal for k in range(n)]
     order, first, step = _order(positions, iop, list(range(n)), str(path))
-    sx, sy, sz = plan((cols, rows, n))
     keep = order[::sz]
     out = np.empty((len(keep), len(range(0, rows, sy)), len(range(0, cols, sx))), dtype=np.float32)
     slot = {int(k): i for i, k in enumerate(keep)}
@@ -290,6 +303,7 @@ def read_multiframe(path: Path, plan: Plan) -> DicomVolume:
     return DicomVolume(out.transpose(2, 1, 0), affine, _modality(ds), (cols, rows, n))
 
 
-def read_dicom(path: Path, plan: Plan) -> DicomVolume:
-    """A series folder or a multi-frame file -> DicomVolume (see the module docstring)."""
-    return read_series(path, plan) if path.is_dir() else read_multiframe(path, plan)
+def read_dicom(path: Path, plan: Plan, budget: Budget | None = None) -> DicomVolume:
+    """A series folder or a multi-frame file -> DicomVolume (see the module docstring); `budget`
+    (data/guard.py) refuses, from the headers alone, a load over data.max_load_bytes."""
+    return read_series(path, plan, budget) if path.is_dir() else read_multiframe(path, plan, budget)

@@ -15,13 +15,16 @@ builds one file segment per voxel (a hang); a .nii.gz is read only up to its las
 lost gzip trailer or a flipped bit in the data (CRC-32 mismatch) goes unnoticed. Here:
   1. the header must describe one 3D volume (trailing sizes of 1 allowed) with positive sizes and
      real grey voxels (integer or float; not complex, RGB or other structured types);
-  2. size gate, before anything is allocated: the file (.nii) or its gzip stream (.nii.gz: the
-     ISIZE trailer, or, when that disagrees, the decompressed bytes counted in 1 MiB chunks)
-     must hold vox_offset + the claimed voxel bytes, else DataError ("truncated"); so a header
-     that lies about a huge size is refused as truncated, whatever the oversize policy;
-  3. `plan(shape_xyz) -> strides` (volume.plan_strides) refuses or strides an oversized volume;
-  4. the voxels are read in chunks of rows (<= 64 MiB) straight into the (strided) float32
-     output, and a .nii.gz is then read to its end so that gzip checks its CRC-32 and length.
+  2. size gate, before anything is allocated: a .nii file must hold vox_offset + the claimed
+     voxel bytes, else DataError ("truncated"), whatever the oversize policy;
+  3. `plan(shape_xyz) -> strides` (volume.plan_strides) refuses or strides an oversized volume,
+     and `budget(dims, itemsize, strides)` (data/guard.py) refuses a load whose peak memory is
+     over data.max_load_bytes: from the header alone, so for a .nii.gz the gzip ISIZE trailer
+     (forgeable) is never consulted and nothing is decompressed before the check;
+  4. the voxels are streamed in chunks of rows (<= 64 MiB) straight into the (strided) float32
+     output (a short stream is "truncated" as soon as it ends), and a .nii.gz is then read to its
+     end so that gzip checks its CRC-32 and length, refusing more than MAX_GZ_EXTRA bytes past
+     what the header describes (a bomb behind a small header).
 Every failure is a DataError naming the file. Memory: the float32 output plus one chunk.
 """
 
@@ -39,11 +42,14 @@ import nibabel as nib
 import numpy as np
 
 from .errors import DataError
+from .guard import Budget
 
 logger = logging.getLogger(__name__)
 
 Plan = Callable[[tuple[int, int, int]], tuple[int, ...]]
 CHUNK_BYTES = 64 * 2**20  # voxel bytes read at a time
+MAX_GZ_OFFSET = 64 * 2**20  # vox_offset bound of a .nii.gz (header + extensions)
+MAX_GZ_EXTRA = 64 * 2**20  # decompressed bytes tolerated after the voxels of a .nii.gz
 _GZIP_ERRORS = (EOFError, OSError, zlib.error)  # gzip.BadGzipFile is an OSError
 
 
@@ -69,49 +75,12 @@ def _check_header(shape: tuple[int, ...], dtype: np.dtype, where: str) -> None:
         raise DataError(f"{where}: NIfTI voxel type {dtype}; expected real grey values (integer or float)")
 
 
-def _gzip_isize(path: Path) -> int:
-    """The ISIZE trailer of a gzip file (uncompressed length mod 2**32 of its last member), or -1."""
-    with path.open("rb") as fh:
-        if fh.seek(0, 2) < 18:  # shorter than an empty gzip member
-            return -1
-        fh.seek(-4, 2)
-        return int.from_bytes(fh.read(4), "little")
-
-
-def _gzip_length(path: Path, need: int, where: str) -> int:
-    """Decompressed bytes of gzip file `path` (all members), counted up to `need` in bounded memory."""
-    total, pending = 0, b""
-    dec = zlib.decompressobj(wbits=31)
-    try:
-        with path.open("rb") as fh:
-            while total < need:
-                data = dec.unconsumed_tail or pending or fh.read(2**20)
-                pending = b""
-                if not data:
-                    break  # the file ends: truncated unless `need` was reached
-                total += len(dec.decompress(data, 2**22))
-                if dec.eof:  # end of a member; another may follow (zero padding is ignored)
-                    pending = dec.unused_data.lstrip(b"\0") or fh.read(2**20).lstrip(b"\0")
-                    if not pending:
-                        break
-                    dec = zlib.decompressobj(wbits=31)
-    except zlib.error as e:
-        raise DataError(f"{where}: cannot read the volume: corrupt gzip data ({e}); expected a complete "
-                        ".nii.gz") from e
-    return total
-
-
-def _size_gate(path: Path, gz: bool, need: int, what: str, where: str) -> None:
-    if gz:
-        if _gzip_isize(path) == need % 2**32:  # the usual case: one member holding exactly the claimed bytes
-            return
-        have = _gzip_length(path, need, where)
-    else:
-        have = path.stat().st_size
+def _size_gate(path: Path, need: int, what: str, where: str) -> None:
+    """An uncompressed .nii must hold vox_offset + the claimed voxel bytes (its size, no read)."""
+    have = path.stat().st_size
     if have < need:
-        held = f"the {'decompressed ' if gz else ''}file holds {have}"
         raise DataError(f"{where}: cannot read the volume: truncated or corrupt: the header describes {need} bytes "
-                        f"({what}), {held}; expected a complete NIfTI file")
+                        f"({what}), the file holds {have}; expected a complete NIfTI file")
 
 
 def _read_exact(fh: BinaryIO, view: memoryview, where: str, done: int, total: int) -> None:
@@ -151,7 +120,7 @@ def _read_voxels(fh: BinaryIO, dims: tuple[int, int, int], dtype: np.dtype, stri
     return out
 
 
-def read_nifti(path: Path, plan: Plan) -> NiftiVolume:
+def read_nifti(path: Path, plan: Plan, budget: Budget | None = None) -> NiftiVolume:
     """A .nii / .nii.gz file -> NiftiVolume (see the module docstring); DataError when malformed."""
     where = str(path)
     img: Any = nib.load(str(path))  # the header only
@@ -164,8 +133,14 @@ def read_nifti(path: Path, plan: Plan) -> NiftiVolume:
     dims = (shape[0], shape[1], shape[2])
     gz = path.name.lower().endswith(".gz")
     offset, nbytes = int(proxy.offset), math.prod(shape) * dtype.itemsize
-    _size_gate(path, gz, offset + nbytes, f"vox_offset {offset} + {shape} voxels of {dtype}", where)
+    if not gz:  # the file size is known without reading: a lying header is "truncated" at once
+        _size_gate(path, offset + nbytes, f"vox_offset {offset} + {shape} voxels of {dtype}", where)
+    elif offset > MAX_GZ_OFFSET:
+        raise DataError(f"{where}: vox_offset {offset} bytes; expected the voxels within {MAX_GZ_OFFSET} bytes of the "
+                        "start of a .nii.gz")
     strides = tuple(int(s) for s in plan(dims))
+    if budget is not None:  # before anything is allocated or decompressed (never the gzip trailer's word)
+        budget(dims, dtype.itemsize, strides)
     slope, inter = float(proxy.slope), float(proxy.inter)
     try:
         with (gzip.open(path, "rb") if gz else path.open("rb")) as fh:
@@ -175,6 +150,9 @@ def read_nifti(path: Path, plan: Plan) -> NiftiVolume:
                 extra, sink = 0, bytearray(2**16)
                 while n := fh.readinto(sink):
                     extra += n
+                    if extra > MAX_GZ_EXTRA:  # a bomb behind a small header: stop as soon as it shows
+                        raise DataError(f"{where}: the gzip stream holds over {MAX_GZ_EXTRA} bytes more than the "
+                                        f"header describes ({offset + nbytes}); expected one NIfTI volume")
                 if extra:
                     logger.debug("%s: %d bytes after the voxel data ignored", where, extra)
     except _GZIP_ERRORS as e:

@@ -21,7 +21,8 @@ manifest, m3d_cap, m3d_vqa, ct_rate, or any format a test or plugin registers). 
 them in their documented order (data/formats/__init__.py) and reads with the first whose
 `detect` says yes, from content and layout, never from substrings of names. A format yields
 (where, build) candidates; this module validates each record, resolves relative image paths
-against the format's `base_dir`, resolves duplicates and, with `skip_bad_records`, logs and
+against the format's `base_dir`, refuses images outside the format's `roots` (unless
+`allow_outside_root`), resolves duplicates and, with `skip_bad_records`, logs and
 counts the bad ones.
 """
 
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from .errors import ConfigError, DataError
+from .guard import check_inside, check_regular
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +212,7 @@ def detect_kind(source: str | os.PathLike[str]) -> str:
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"data source {str(source)!r} does not exist")
+    check_regular(path, "a data source")  # a FIFO named like a manifest would block detection
     for name in detection_order():
         if DATASETS.build(name).detect(path):
             return name
@@ -240,7 +243,8 @@ def _resolve(rec: Record, base: Path) -> Record:
 
 
 def _collect(
-    candidates: Iterable[Candidate], *, skip: bool, check_files: bool, base: Path | None, report: ReadReport
+    candidates: Iterable[Candidate], *, skip: bool, check_files: bool, base: Path | None, report: ReadReport,
+    roots: Sequence[Path] = (),
 ) -> None:
     seen: dict[str, str] = {}
     for where, build in candidates:
@@ -248,6 +252,8 @@ def _collect(
             rec = validate_record(build(), where)
             if base is not None:
                 rec = _resolve(rec, base)
+            if roots:
+                check_inside(rec, roots, where)
             if check_files:
                 _check_files(rec, where)
             if rec["id"] in seen:
@@ -278,6 +284,7 @@ def read_records_report(
     skip_bad_records: bool = False,
     check_files: bool = True,
     allow_empty: bool = False,
+    allow_outside_root: bool = False,
 ) -> ReadReport:
     """Like `read_records`, but returns a `ReadReport` that also lists the skipped records.
 
@@ -292,6 +299,7 @@ def read_records_report(
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"data source {str(source)!r} does not exist")
+    check_regular(path, "a data source")
     kind = detect_kind(path) if kind == "auto" else kind
     fmt = get_format(kind)
     root = Path(data_root).expanduser() if data_root not in (None, "") else None
@@ -301,10 +309,12 @@ def read_records_report(
         raise ValueError(f"split applies to multi-split sources ({_multi_split()}) only; a {kind} file is one split "
                          "already")
     report = ReadReport(records=[], kind=kind, source=str(path))
-    options = {"vqa_mode": vqa_mode, "ct_rate_target": ct_rate_target, "check_files": check_files}
+    options = {"vqa_mode": vqa_mode, "ct_rate_target": ct_rate_target, "check_files": check_files,
+               "allow_outside_root": allow_outside_root}
     candidates = fmt.candidates(path, split=split, data_root=root, options=options)
     base = fmt.base_dir(path)
-    _collect(candidates, skip=skip_bad_records, check_files=check_files, base=base, report=report)
+    roots = () if allow_outside_root else fmt.roots(path, root)
+    _collect(candidates, skip=skip_bad_records, check_files=check_files, base=base, report=report, roots=roots)
     if report.skipped:
         logger.warning("%s: skipped %d bad record(s), kept %d", path, report.skipped, len(report.records))
     if not report.records and not allow_empty:
@@ -322,6 +332,7 @@ def read_records(
     ct_rate_target: str = "findings",
     skip_bad_records: bool = False,
     check_files: bool = True,
+    allow_outside_root: bool = False,
 ) -> list[Record]:
     """Read a dataset into manifest records (see the module docstring).
 
@@ -332,6 +343,7 @@ def read_records(
     choices of M3D-VQA. `ct_rate_target` "findings_impressions" appends the impressions.
     `skip_bad_records`: log (warning) and skip bad records instead of raising on the first; use
     `read_records_report` to get their count and reasons. `check_files`: check that images exist.
+    `allow_outside_root`: accept images outside the format's `roots` (else a DataError per record).
     """
     return read_records_report(
         source,
@@ -342,6 +354,7 @@ def read_records(
         ct_rate_target=ct_rate_target,
         skip_bad_records=skip_bad_records,
         check_files=check_files,
+        allow_outside_root=allow_outside_root,
     ).records
 
 

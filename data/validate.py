@@ -188,6 +188,7 @@ def validate_dataset(
         read = read_records_report(
             source, kind, data_root=cfg.data_root or None, split=split, vqa_mode=cfg.vqa_mode,
             ct_rate_target=cfg.ct_rate_target, skip_bad_records=True, check_files=True, allow_empty=True,
+            allow_outside_root=cfg.allow_outside_root,
         )  # fmt: skip
     except DataError as e:
         report.problems.append(Problem("source", str(source), str(e)))

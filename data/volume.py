@@ -17,10 +17,14 @@ Reading (`_read`):
     Fortran-ordered voxels to C order (about 1 s per 512x512x200 volume here).
   - DICOM series folder / multi-frame file: pydicom (`data/dicom.py`: sorted along the slice
     normal, RescaleSlope/Intercept applied, LPS -> RAS affine; missing slices are an error).
-  - M3D `.npy`: `np.load(allow_pickle=False)`, [1, D, H, W] or [D, H, W], already in [0, 1],
-    passed through (identity affine, no orientation or windowing).
-Inputs over `max_voxels` are refused or stride-subsampled *before* conversion to float, and no
-reader allocates more than the header's claim allows the file to hold. Every malformed input
+  - M3D `.npy`: `data/npy.py` (header checked first; `np.load(allow_pickle=False)`),
+    [1, D, H, W] or [D, H, W], already in [0, 1], passed through (identity affine, no
+    orientation or windowing).
+Only regular files and folders are opened (a FIFO or device is a DataError at once, data/guard.py).
+Inputs over `max_voxels` are refused or stride-subsampled *before* conversion to float, and the
+peak memory of a load (stored voxels + float32 copies, from the header) must fit
+`data.max_load_bytes` before anything is read or decompressed; no reader allocates more than the
+header's claim allows the file to hold. Every malformed input
 (corrupt, truncated, zero/negative sizes, NaN/Inf voxels, singular geometry) is a DataError
 naming the file.
 
@@ -77,7 +81,9 @@ from medvlm3d.config_fields import PLANES
 from .dataset import DataConfig
 from .dicom import is_dicom_file, read_dicom
 from .errors import DataError
+from .guard import check_budget, check_regular, plan_strides  # noqa: F401 (plan_strides: re-exported)
 from .nifti import read_nifti
+from .npy import read_npy
 from .transforms import (PREPROCESS_FIELDS, augment_transforms, build_transforms, cfg_key,  # noqa: F401
                          eval_transforms, resize)
 
@@ -103,28 +109,6 @@ class Study:
 # ------------------------------------------------------------------------------------- reading
 
 
-def plan_strides(shape: Sequence[int], max_voxels: int, oversize: str, where: str) -> tuple[int, ...]:
-    """Integer strides that bring `shape` under `max_voxels`, or DataError (oversize "refuse").
-
-    Downsampling caps every axis at the largest length c with prod(min(s, c)) <= max_voxels (so
-    the longest axes are thinned first) and strides each axis by ceil(s / c): a few dozen integer
-    steps whatever the claimed size, nothing allocated."""
-    shape = [int(s) for s in shape]
-    n = math.prod(shape)
-    if n <= max_voxels:
-        return (1,) * len(shape)
-    if oversize == "refuse":
-        raise DataError(f"{where}: {tuple(shape)} = {n} voxels exceeds max_voxels={max_voxels} (oversize='refuse')")
-    lo, hi = 1, max(shape)  # prod(min(s, lo)) = 1 <= max_voxels < prod(min(s, hi)) = n
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if math.prod(min(s, mid) for s in shape) <= max_voxels else (lo, mid)
-    strides = tuple(-(-s // lo) for s in shape)
-    logger.warning("%s: %s voxels over max_voxels=%d; stride-subsampled by %s", where, tuple(shape), max_voxels,
-                   list(strides))
-    return strides
-
-
 def _check_spatial(shape: Sequence[int], where: str) -> None:
     if len(shape) < 3 or min(shape[:3]) < 2:
         raise DataError(f"{where}: a 2D image of shape {tuple(shape)}; expected a 3D volume")
@@ -136,35 +120,6 @@ def _check_affine(affine: np.ndarray, where: str) -> None:
     if a.shape != (4, 4) or not np.isfinite(a).all() or np.linalg.matrix_rank(a[:3, :3]) < 3:
         raise DataError(f"{where}: invalid voxel-to-world geometry (affine / spacing / orientation "
                         f"{np.round(a[:3], 4).tolist()}); expected a finite matrix with non-zero voxel spacing")
-
-
-def _read_npy(path: Path, plan: Any) -> tuple[MetaTensor, tuple[int, ...]]:
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise DataError(f"{path}: unreadable .npy file ({e}); expected a numeric array (object arrays are "
-                        "refused, never unpickled)") from e
-    if not isinstance(arr, np.ndarray):
-        raise DataError(f"{path}: an .npz archive or other non-array content; expected one .npy array")
-    if arr.dtype.kind not in "fiu" or arr.dtype.fields is not None:
-        raise DataError(f"{path}: .npy dtype {arr.dtype}; expected float or integer voxels")
-    if arr.ndim == 4 and arr.shape[0] > 1:
-        raise DataError(f"{path}: .npy shape {arr.shape} has {arr.shape[0]} channels; expected [1, D, H, W]")
-    if arr.ndim not in (3, 4):
-        raise DataError(f"{path}: .npy shape {arr.shape}; expected [1, D, H, W] (M3D) or [D, H, W]")
-    vol = arr[0] if arr.ndim == 4 else arr
-    _check_spatial(vol.shape, str(path))
-    sd, sh, sw = plan(vol.shape)
-    data = np.asarray(vol[::sd, ::sh, ::sw], dtype=np.float32)
-    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
-    if bad:
-        raise DataError(f"{path}: {bad} NaN or Inf voxels; expected finite values in [0, 1]")
-    lo, hi = float(data.min()), float(data.max())
-    if lo < -1e-3 or hi > 1 + 1e-3:
-        raise DataError(f"{path}: M3D .npy values must already lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
-    data = np.clip(data, 0.0, 1.0).transpose(2, 1, 0)  # [D, H, W] -> RAS-like [X, Y, Z] (a view)
-    image = MetaTensor(torch.from_numpy(data)[None], meta={"space": "RAS"})
-    return image, vol.shape[::-1]
 
 
 def _flat(image: torch.Tensor) -> torch.Tensor:
@@ -189,22 +144,24 @@ def _read(path: Path, cfg: DataConfig, rescale: tuple[float, float] | None = Non
     "native_depth", "path"}."""
     if not path.exists():
         raise DataError(f"{path}: file or folder not found")
+    check_regular(path, "a volume")  # a FIFO or device would block the reader forever
     plan = functools.partial(plan_strides, max_voxels=cfg.max_voxels, oversize=cfg.oversize, where=str(path))
+    budget = functools.partial(check_budget, budget=cfg.max_load_bytes, where=str(path))
     name, tag_modality, header_scaled, kind = path.name.lower(), "", False, "nifti"
     try:
         if path.is_dir() or name.endswith(".dcm") or is_dicom_file(path):
-            dv = read_dicom(path, plan)
+            dv = read_dicom(path, plan, budget)
             kind, tag_modality, native = "dicom", dv.modality, dv.shape
             image = MetaTensor(torch.from_numpy(dv.array)[None], affine=torch.as_tensor(dv.affine),
                                meta={"space": "RAS"})
         elif name.endswith((".nii", ".nii.gz")):
-            nv = read_nifti(path, plan)
+            nv = read_nifti(path, plan, budget)
             native, header_scaled = nv.shape, nv.header_scaled
             image = MetaTensor(torch.from_numpy(nv.array)[None], affine=torch.as_tensor(nv.affine),
                                meta={"space": "RAS"})
         elif name.endswith(".npy"):
             kind = "npy"
-            image, native = _read_npy(path, plan)
+            image, native = read_npy(path, plan, budget)
         else:
             raise DataError(f"{path}: unknown volume format; expected .nii/.nii.gz, .npy, a DICOM folder or file")
     except DataError:
@@ -269,11 +226,13 @@ def load_volume(
     crop_foreground: bool = False,
     max_voxels: int = DataConfig.max_voxels,
     oversize: str = "downsample",
+    max_load_bytes: int = DataConfig.max_load_bytes,
     rescale: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """NIfTI file, DICOM folder, multi-frame DICOM file or M3D .npy -> float32 [1, D, H, W] in [0, 1]."""
     cfg = DataConfig(size=tuple(size), modality=modality, hu_window=tuple(hu_window), oversize=oversize,
-                     mri_percentiles=tuple(mri_percentiles), crop_foreground=crop_foreground, max_voxels=max_voxels)
+                     mri_percentiles=tuple(mri_percentiles), crop_foreground=crop_foreground, max_voxels=max_voxels,
+                     max_load_bytes=max_load_bytes)
     return load_volume_from_config(path, cfg, rescale)
 
 

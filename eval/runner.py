@@ -359,7 +359,8 @@ def read_eval_records(source: str, cfg: Any, task: str, kind: str = "auto", spli
         kind, split = resolve_source(source, kind, cfg.eval_split or None, train=False)
     vqa_mode = {"vqa_closed": "closed", "vqa_open": "open"}.get(task, cfg.vqa_mode)
     return read_records(source, kind, data_root=cfg.data_root or None, split=split, vqa_mode=vqa_mode,
-                        ct_rate_target=cfg.ct_rate_target, skip_bad_records=cfg.skip_bad_records)
+                        ct_rate_target=cfg.ct_rate_target, skip_bad_records=cfg.skip_bad_records,
+                        allow_outside_root=cfg.allow_outside_root)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -16,7 +16,11 @@ GPUs only (no CPU/disk offload); merge it first (`medvlm3d export --merge-lora`)
 
 Writes are atomic: everything goes to a hidden sibling folder, which is renamed into place; an
 older folder of the same name is moved aside first and removed only after the rename. Nothing
-is unpickled when loading: safetensors, YAML via safe_load, and HF/PEFT's safetensors files.
+is unpickled when loading: safetensors, YAML via safe_load, and HF/PEFT's safetensors files; a
+pickle-based file (pytorch_model.bin, adapter_model.bin, .pt) in the folder is refused, and every
+damaged file (truncated safetensors, a pickle renamed, wrong shapes, missing or extra tensors,
+checkpoint.json that is not JSON or whose format_version is not an integer, an unknown key in
+config.yaml) is one DataError / ConfigError line naming it (model/checkpoint_checks.py).
 """
 
 from __future__ import annotations
@@ -30,13 +34,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from medvlm3d.config import load_config, save_config
+from medvlm3d.config import save_config
+from medvlm3d.data.errors import DataError
+from medvlm3d.model.checkpoint_checks import (FORMAT_VERSION, check_folder, check_llm_keys, check_state, first_line,
+                                              llm_shape_mismatches, load_tensors, read_meta, read_run_config)
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 LLM_PREFIX = "llm."
 
 
@@ -150,7 +156,16 @@ def _restore_llm(
     llm_cfg.path = str(root / "llm") if (root / "llm").is_dir() else meta.get("external_llm", "")
     if not llm_cfg.path:
         raise FileNotFoundError(f"{root}: no llm/ folder and no external LLM path in checkpoint.json")
-    llm = build_llm(llm_cfg, tokenizer, device_map=device_map)
+    try:
+        llm = build_llm(llm_cfg, tokenizer, device_map=device_map)
+    except (OSError, RuntimeError, ValueError) as e:  # HF's loader: truncated / mismatched weights
+        if isinstance(e, (DataError, torch.cuda.OutOfMemoryError)):
+            raise
+        shapes = llm_shape_mismatches(Path(llm_cfg.path))
+        raise DataError(f"{llm_cfg.path}: cannot load the LLM ({first_line(e)}){shapes}; expected the HF model "
+                        "folder written by save_pretrained (safetensors)") from e
+    if llm_cfg.path == str(root / "llm"):
+        check_llm_keys(llm, root / "llm")
     if (root / "adapter").is_dir():
         from peft import PeftModel
 
@@ -164,16 +179,20 @@ def _restore_llm(
                 f"({llm.hf_device_map}); a LoRA adapter cannot be loaded onto offloaded layers. Merge it "
                 "first (medvlm3d export --merge-lora) or give the LLM enough GPU memory (more GPUs)"
             )
-        llm = PeftModel.from_pretrained(llm, str(root / "adapter"), is_trainable=trainable)
+        try:
+            llm = PeftModel.from_pretrained(llm, str(root / "adapter"), is_trainable=trainable)
+        except (OSError, RuntimeError, ValueError, KeyError) as e:
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f"{root / 'adapter'}: cannot load the LoRA adapter ({first_line(e)}); expected the PEFT "
+                            "folder written by save_pretrained (adapter_config.json, adapter_model.safetensors)") from e
     return llm
 
 
 def _read_meta(root: Path) -> dict[str, Any]:
-    meta_file = root / "checkpoint.json"
-    meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
-    if meta.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-        raise ValueError(f"{root}: checkpoint format {meta['format_version']} is newer than this medvlm3d reads")
-    return meta
+    """checkpoint.json, checked (model/checkpoint_checks.py); the folder's weight files first."""
+    check_folder(root)
+    return read_meta(root)
 
 
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -250,7 +269,7 @@ def load_pretrained(
             f"{root} is not a medvlm3d checkpoint: expected config.yaml and model.safetensors inside it"
         )
     meta = _read_meta(root)
-    cfg = load_config(root / "config.yaml")
+    cfg = read_run_config(root)
     cfg.model.llm.tokenizer = str(root / "tokenizer")
     tokenizer = load_tokenizer(cfg.model.llm)
     if dtype is not None:
@@ -259,11 +278,9 @@ def load_pretrained(
         check_device_map(device_map)
     llm = _restore_llm(root, cfg, meta, tokenizer, trainable=cfg.model.trainable.llm == "lora", device_map=device_map)
     model = MedVLM(cfg, tokenizer, llm=llm, load_external_weights=False)
-    state = load_file(str(root / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k.startswith(LLM_PREFIX) or k.startswith("text_encoder."))]
-    if missing or unexpected:
-        raise ValueError(f"{root}/model.safetensors does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    state = load_tensors(root / "model.safetensors")
+    check_state(model, state, root / "model.safetensors", skip=(LLM_PREFIX, "text_encoder."))
+    model.load_state_dict(state, strict=False)
     if device_map is not None:
         dev = _place_around_llm(model, dtype)
         log.info("loaded %s with device_map=%r; non-LLM modules on %s", root, device_map, dev)
@@ -300,7 +317,7 @@ def init_from_checkpoint(cfg: Any, path: str | os.PathLike) -> Any:
     elif not (root / "adapter").is_dir() and cfg.model.trainable.llm == "lora":
         llm = apply_lora(llm, cfg.model.llm.lora)
     model = MedVLM(cfg, tokenizer, llm=llm, load_external_weights=False)
-    state = load_file(str(root / "model.safetensors"))
+    state = load_tensors(root / "model.safetensors")
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     skipped = sorted(set(state) - set(usable))

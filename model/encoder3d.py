@@ -52,6 +52,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 from medvlm3d.config_fields import PRESETS, check_choice, check_positive, from_dict
+from medvlm3d.data.errors import DataError
 from medvlm3d.registry import Registry
 
 
@@ -101,9 +102,14 @@ ENCODERS3D = Registry("3D encoder")
 def read_state_dict(path: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:
     """Read a state dict from a `.safetensors` file or a torch file with `weights_only=True`.
 
+    The one place an external `.bin` / `.pt` is read, and only from an explicit config path
+    (`model.encoder3d.weights`, `model.slice_encoder.weights`, or `convert_to_safetensors`);
+    checkpoint folders are safetensors only (model/checkpoint_checks.py).
+
     Uses timm's reader (which also unwraps `state_dict` / `model` entries and strips `module.`
     prefixes). Raises `FileNotFoundError` naming the path when it is missing, and `ValueError`
-    when the file cannot be read safely (e.g. a pickle of arbitrary objects).
+    (a `DataError`, one line naming the file) when the file cannot be read safely (e.g. a pickle
+    of arbitrary objects, refused by weights_only=True).
     """
     from timm.models import load_state_dict  # local import: timm is heavy and only needed here
 
@@ -112,10 +118,11 @@ def read_state_dict(path: str | Path, what: str = "weights") -> dict[str, torch.
         raise FileNotFoundError(f"{what} file not found: {str(path)!r}")
     try:
         sd = load_state_dict(str(p), use_ema=False, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, OSError, EOFError) as e:
-        raise ValueError(
+    except (RuntimeError, pickle.UnpicklingError, OSError, EOFError, ValueError) as e:
+        lines = str(e).strip().splitlines() or [""]  # torch's weights_only refusal spans many lines
+        raise DataError(
             f"cannot read {what} from {p}: expected a .safetensors file or a torch file loadable "
-            f"with weights_only=True ({type(e).__name__}: {e})"
+            f"with weights_only=True ({type(e).__name__}: {lines[0][:300]})"
         ) from e
     if not isinstance(sd, dict):
         raise ValueError(f"{what} file {p} holds a {type(sd).__name__}, expected a state dict")

@@ -109,7 +109,7 @@ def read_train_records(cfg: RunConfig) -> list[dict[str, Any]]:
         split=split,
         vqa_mode=d.vqa_mode,
         ct_rate_target=d.ct_rate_target,
-        skip_bad_records=d.skip_bad_records,
+        skip_bad_records=d.skip_bad_records, allow_outside_root=d.allow_outside_root,
     )
     if report.skipped:
         log.warning("data.train: skipped %d unreadable record(s) of %s", report.skipped, d.train)

@@ -4,6 +4,7 @@
     DatasetFormat: name, order, splits, train_split, detect(source) -> bool,
         candidates(source, *, split, data_root, options) -> iterator of (where, build),
         base_dir(source) -> folder for relative image paths (or None),
+        roots(source, data_root) -> [folders the images must lie in] (data.allow_outside_root),
         read(source, *, split, data_root, options) -> list of validated manifest records
     detection_order() -> [format names] in the order kind="auto" asks them
     csv_header(path) -> [column names]; csv_rows(path, required) -> (line, row | message) pairs
@@ -73,6 +74,13 @@ class DatasetFormat:
         """Where relative image paths of the records are resolved: the source's folder by
         default; None when `candidates` already gives absolute (or root-joined) paths."""
         return source if source.is_dir() else source.parent
+
+    def roots(self, source: Path, data_root: Path | None) -> list[Path]:
+        """The folders the records' images must lie in (unless data.allow_outside_root): the
+        source's folder (or `base_dir`) and `data_root` when given."""
+        base = self.base_dir(source)
+        return [base if base is not None else (source if source.is_dir() else source.parent),
+                *([data_root] if data_root is not None else [])]
 
     def read(
         self,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from ..errors import DataError
+from ..guard import check_inside
 from ..readers import REPORT_QUESTION
 from .base import DATASETS, Candidate, DatasetFormat, Record, parse_json
 
@@ -78,8 +79,10 @@ def rel_path(item: dict[str, Any], key: str, root: Path, where: str) -> Path:
     return root / value.strip()
 
 
-def m3d_cap_candidates(path: Path, root: Path | None, split: str | None, check_files: bool) -> Iterator[Candidate]:
-    """Candidates of M3D_Cap.json; every report text file is read (check_files or not)."""
+def m3d_cap_candidates(path: Path, root: Path | None, split: str | None, check_files: bool,
+                       allow_outside_root: bool = False) -> Iterator[Candidate]:
+    """Candidates of M3D_Cap.json; every report text file is read (check_files or not), only from
+    inside the data root unless `allow_outside_root`."""
     if split is not None and split not in CAP_SPLITS:
         raise ValueError(f"M3D-Cap split must be one of {list(CAP_SPLITS)} or None, got {split!r}")
     data = _load_json(path)
@@ -100,6 +103,8 @@ def m3d_cap_candidates(path: Path, root: Path | None, split: str | None, check_f
                     raise DataError(f"{where}: expected an object with 'image' and 'text', got {item!r}")
                 image = rel_path(item, "image", base, where)
                 text_path = rel_path(item, "text", base, where)
+                if not allow_outside_root:  # read before the generic image check: never outside the root
+                    check_inside({"text": str(text_path)}, [base], where, key="text")
                 if not text_path.is_file():
                     raise DataError(
                         f"{where}: report file not found: {text_path} (paths are relative to the {root_note})"
@@ -134,10 +139,14 @@ class M3DCap(DatasetFormat):
     def base_dir(self, source: Path) -> Path | None:
         return None  # the paths are joined with the data root already
 
+    def roots(self, source: Path, data_root: Path | None) -> list[Path]:
+        return [data_root_of(source, data_root)[0]]
+
     def candidates(
         self, source: Path, *, split: str | None, data_root: Path | None, options: Mapping[str, Any]
     ) -> Iterator[Candidate]:
-        return m3d_cap_candidates(source, data_root, split, bool(options.get("check_files", True)))
+        return m3d_cap_candidates(source, data_root, split, bool(options.get("check_files", True)),
+                                  bool(options.get("allow_outside_root", False)))
 
 
 __all__ = ["CAP_SPLITS", "M3DCap", "data_root_of", "extract_report", "is_m3d_cap_json", "m3d_cap_candidates",

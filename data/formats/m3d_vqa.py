@@ -89,6 +89,9 @@ class M3DVQA(DatasetFormat):
     def base_dir(self, source: Path) -> Path | None:
         return None  # the paths are joined with the data root already
 
+    def roots(self, source: Path, data_root: Path | None) -> list[Path]:
+        return [data_root_of(source, data_root)[0]]
+
     def candidates(
         self, source: Path, *, split: str | None, data_root: Path | None, options: Mapping[str, Any]
     ) -> Iterator[Candidate]:

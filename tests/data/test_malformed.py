@@ -222,7 +222,7 @@ RISKY.update({
     "nii1gz-1000cubed-under-max-voxels": lambda d: Expect(
         edited(d / "k.nii.gz", [("<3h", 42, (1000, 1000, 1000))], gz=True), ["k.nii.gz"], _SIZE),
     "nii1gz-1000cubed-refuse-mode-small-max": lambda d: Expect(
-        edited(d / "k.nii.gz", [("<3h", 42, (1000, 1000, 1000))], gz=True), ["k.nii.gz"], _SIZE,
+        edited(d / "k.nii.gz", [("<3h", 42, (1000, 1000, 1000))], gz=True), ["k.nii.gz"], _SIZE + "|max_voxels",
         {"oversize": "refuse", "max_voxels": 10**6}),
     "nii2-1e6cubed": lambda d: Expect(edited(d / "n2.nii", [("<3q", 24, (10**6,) * 3)], two=True), ["n2.nii"], _SIZE),
     "nii2gz-1e6cubed": lambda d: Expect(edited(d / "n2.nii.gz", [("<3q", 24, (10**6,) * 3)], two=True, gz=True),

@@ -377,7 +377,9 @@ def test_write_manifest_roundtrip_and_atomic(man_dir: Path, tmp_path: Path) -> N
     lines = path.read_text(encoding="utf-8").splitlines()
     assert json.loads(lines[0])["image"] == "vol/a.npy" and "café" in lines[1]
     assert json.loads(lines[1])["image"] == [str(outside), "vol/b.npy"]
-    back = read_records(path)
+    with pytest.raises(DataError, match=r"line 2 \(id 's2'\): image .*outside\.npy.* outside the data root"):
+        read_records(path)  # an absolute path outside the manifest's folder: refused by default
+    back = read_records(path, allow_outside_root=True)
     assert back[0]["image"] == str(man_dir / "vol/a.npy") and back[1]["image"][1] == str(man_dir / "vol/b.npy")
     assert back[1]["answer"] == "café"
     before = path.read_bytes()

@@ -40,9 +40,10 @@ WEIGHT_ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, phantom_records, tiny_tokenizer_dir) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("dist")
-    return {"manifest": write_manifest(phantom_records[:12], root / "twelve.jsonl"), "tok": tiny_tokenizer_dir,
+def data(tmp_path_factory, phantom_manifest, phantom_records, tiny_tokenizer_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dist")  # the subset sits beside the studies (inside the data root)
+    return {"manifest": write_manifest(phantom_records[:12], phantom_manifest.parent / "twelve.jsonl"),
+            "tok": tiny_tokenizer_dir,
             "root": root}
 
 

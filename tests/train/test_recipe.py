@@ -30,7 +30,7 @@ from medvlm3d.train.recipe import param_groups, run_training
 @pytest.fixture(scope="session")
 def phantom(tmp_path_factory, phantom_manifest, phantom_records, tiny_tokenizer_dir) -> dict[str, Path]:
     """The shared phantom studies (tests/conftest.py) with a 10-record and a 4-record subset."""
-    root = tmp_path_factory.mktemp("subsets")
+    root = phantom_manifest.parent  # beside the studies: their paths stay inside the manifest's folder
     return {"all": phantom_manifest, "ten": write_manifest(phantom_records[:10], root / "ten.jsonl"),
             "four": write_manifest(phantom_records[:4], root / "four.jsonl"), "tok": tiny_tokenizer_dir}
 

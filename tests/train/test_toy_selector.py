@@ -49,6 +49,7 @@ def test_toy_selector_trains_and_evaluates(tmp_path: Path, phantom_records: list
     manifest = write_manifest(phantom_records[:4], tmp_path / "four.jsonl")
     cfg = load_config("tiny", [f"model.llm.tokenizer={tiny_tokenizer_dir}", f"data.train={manifest}",
                                f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.distill_weight=0.5",
+                               "data.allow_outside_root=true",
                                "model.vote_mi.selector=toy_last", "model.preselect_k=6", "model.preselector=toy_last"],
                       layers=["stage2_finetune"])
     CALLS.clear()
