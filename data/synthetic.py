@@ -168,12 +168,11 @@ class PhantomStudy:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write `.nii.gz` atomically (deterministic gzip: nibabel writes mtime 0, no name)."""
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name[:-7] if out.name.endswith('.nii.gz') else out.stem}.tmp.nii.gz")
-        self.to_nifti().to_filename(str(tmp))
-        os.replace(tmp, out)
-        return out
+        from medvlm3d.io import atomic_file
+
+        with atomic_file(path) as tmp:
+            self.to_nifti().to_filename(str(tmp))
+        return Path(path)
 
     def meta(self) -> dict[str, Any]:
         return {"seed": self.seed, "shape": list(self.shape), "spacing": list(self.spacing),

@@ -25,7 +25,6 @@ import copy
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medvlm3d.config import load_config, save_config
+from medvlm3d.data.errors import ConfigError, DataError
+from medvlm3d.io import atomic_dir, atomic_write_json, swap_dir
 
 log = logging.getLogger(__name__)
 
@@ -55,21 +56,8 @@ def non_llm_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def atomic_dir_swap(tmp: Path, final: Path) -> None:
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in path.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
+    """Kept for old imports: `medvlm3d.io.swap_dir`."""
+    swap_dir(tmp, final)
 
 
 def save_pretrained(model: Any, path: str | os.PathLike, merge_lora: bool = False, save_base_llm: str = "auto") -> Path:
@@ -82,12 +70,7 @@ def save_pretrained(model: Any, path: str | os.PathLike, merge_lora: bool = Fals
     if save_base_llm not in ("auto", "always", "never"):
         raise ValueError(f"save_base_llm must be auto | always | never, got {save_base_llm!r}")
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with atomic_dir(final) as tmp:
         cfg = copy.deepcopy(model.cfg)
         llm = model.llm
         lora = _has_lora(llm)
@@ -118,12 +101,7 @@ def save_pretrained(model: Any, path: str | os.PathLike, merge_lora: bool = Fals
             "num_visual_tokens": int(model.num_visual_tokens),
             "variant": cfg.model.variant,
         }
-        (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        _fsync_tree(tmp)
-        atomic_dir_swap(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_json(tmp / "checkpoint.json", meta)
     log.info("saved checkpoint to %s (%s)", final, layout)
     return final
 
@@ -149,7 +127,7 @@ def _restore_llm(
     llm_cfg = copy.deepcopy(cfg.model.llm)
     llm_cfg.path = str(root / "llm") if (root / "llm").is_dir() else meta.get("external_llm", "")
     if not llm_cfg.path:
-        raise FileNotFoundError(f"{root}: no llm/ folder and no external LLM path in checkpoint.json")
+        raise DataError(f"{root}: no llm/ folder and no external LLM path in checkpoint.json")
     llm = build_llm(llm_cfg, tokenizer, device_map=device_map)
     if (root / "adapter").is_dir():
         from peft import PeftModel
@@ -246,7 +224,7 @@ def load_pretrained(
                          "since some 3D ops (avg_pool3d) have no reduced-precision CPU kernel")
     root = Path(path)
     if not (root / "config.yaml").is_file() or not (root / "model.safetensors").is_file():
-        raise FileNotFoundError(
+        raise DataError(
             f"{root} is not a medvlm3d checkpoint: expected config.yaml and model.safetensors inside it"
         )
     meta = _read_meta(root)
@@ -289,7 +267,7 @@ def init_from_checkpoint(cfg: Any, path: str | os.PathLike) -> Any:
 
     root = Path(path)
     if not (root / "model.safetensors").is_file():
-        raise FileNotFoundError(f"train.init_from={str(root)!r} is not a medvlm3d checkpoint (no model.safetensors)")
+        raise ConfigError(f"train.init_from={str(root)!r} is not a medvlm3d checkpoint (no model.safetensors)")
     meta = _read_meta(root)
     cfg = copy.deepcopy(cfg)
     cfg.model.llm.tokenizer = str(root / "tokenizer")
