@@ -166,19 +166,19 @@ def check_device_map(device_map: Any) -> Any:
         return device_map
     if isinstance(device_map, dict):
         if not device_map:
-            raise ValueError(f"{expected}; got an empty dict")
+            raise ConfigError(f"{expected}; got an empty dict")
         values = [v for v in device_map.values() if v != "disk"]
     elif isinstance(device_map, (str, int, torch.device)) and not isinstance(device_map, bool):
         values = [device_map]
     else:
-        raise ValueError(f"{expected}; got {device_map!r}")
+        raise ConfigError(f"{expected}; got {device_map!r}")
     for v in values:
         try:
             dev = torch.device("cuda", v) if isinstance(v, int) and not isinstance(v, bool) else torch.device(v)
         except (RuntimeError, TypeError, ValueError) as e:
-            raise ValueError(f"{expected}; got {device_map!r} ({v!r} is not a device)") from e
+            raise ConfigError(f"{expected}; got {device_map!r} ({v!r} is not a device)") from e
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device_map {device_map!r} names a CUDA device but torch sees no CUDA GPU")
+            raise ConfigError(f"device_map {device_map!r} names a CUDA device but torch sees no CUDA GPU")
     return device_map
 
 
