@@ -105,3 +105,10 @@ def test_training_diverged_exits_3_and_interrupt_130(monkeypatch, capsys: pytest
 
     monkeypatch.setattr(recipe, "run_training", interrupt)
     assert main(["train", "--config", "tiny"]) == 130
+
+
+def test_eval_verb_tasks_match_the_library() -> None:
+    from medvlm3d.cli.eval import TASKS
+    from medvlm3d.eval.runner import TASKS as LIBRARY_TASKS
+
+    assert TASKS == LIBRARY_TASKS

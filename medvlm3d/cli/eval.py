@@ -7,7 +7,9 @@ import argparse
 from pathlib import Path
 
 from medvlm3d.cli.infer import add_device_map_argument
-from medvlm3d.eval.runner import TASKS
+
+# eval.runner.TASKS, spelled here so that `--help` does not import torch (tests/test_cli.py checks they agree)
+TASKS = ("report", "vqa_closed", "vqa_open", "classify")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
