@@ -112,3 +112,10 @@ def test_eval_verb_tasks_match_the_library() -> None:
     from medvlm3d.eval.runner import TASKS as LIBRARY_TASKS
 
     assert TASKS == LIBRARY_TASKS
+
+
+def test_infer_verb_tasks_match_the_library() -> None:
+    from medvlm3d.cli.infer import TASKS
+    from medvlm3d.eval.infer import TASKS as LIBRARY_TASKS
+
+    assert TASKS == LIBRARY_TASKS

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from medvlm3d.eval.infer import TASKS
+# eval.infer.TASKS, spelled here so that `--help` does not import torch (tests/test_cli.py checks they agree)
+TASKS = ("vqa", "report")
 
 log = logging.getLogger(__name__)
 
