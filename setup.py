@@ -8,6 +8,7 @@ from setuptools import setup
 
 PACKAGES = {
     "medvlm3d": "medvlm3d",
+    "medvlm3d.cli": "medvlm3d/cli",
     "medvlm3d.model": "model",
     "medvlm3d.data": "data",
     "medvlm3d.data.formats": "data/formats",

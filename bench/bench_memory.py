@@ -111,7 +111,7 @@ def make_batch(model: Any, cfg: Any, batch: int, vocab: int) -> dict[str, Any]:
     """A right-padded training batch of the collator's layout, one image per sample."""
     import torch
 
-    from medvlm3d.eval.estimate import num_slices
+    from medvlm3d.train.memory import num_slices
 
     nv, text = model.num_visual_tokens, cfg.data.max_text_len
     d, h, w = cfg.data.size
@@ -163,7 +163,7 @@ def child(spec: dict[str, Any]) -> dict[str, int]:
     import torch
 
     from medvlm3d.config import load_config
-    from medvlm3d.eval.estimate import VocabStub
+    from medvlm3d.train.estimate import VocabStub
     from medvlm3d.model.medvlm import MedVLM
 
     torch.manual_seed(0)
@@ -232,7 +232,7 @@ def run_case(name: str, vocab: int, threads: int) -> dict[str, int]:
 
 def estimate_rows(name: str, vocab: int) -> dict[str, float]:
     from medvlm3d.config import load_config
-    from medvlm3d.eval.estimate import GiB, estimate_memory
+    from medvlm3d.train.estimate import GiB, estimate_memory
 
     spec = CASES[name]
     vocab = spec.get("vocab", vocab)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -387,14 +386,6 @@ def write_manifest(records: Sequence[Record], path: str | os.PathLike[str]) -> P
         rec = validate_record(rec, f"record {i} written to {out}")
         rec["image"] = [rel(p) for p in rec["image"]] if isinstance(rec["image"], list) else rel(rec["image"])
         lines.append(json.dumps(rec, ensure_ascii=False))
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write("".join(line + "\n" for line in lines))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    from medvlm3d.io import atomic_write_text
+
+    return atomic_write_text(out, "".join(line + "\n" for line in lines))

@@ -42,13 +42,9 @@ for training and seed 1 for testing. The same seed gives byte-identical volumes 
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import re
-import sys
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -56,6 +52,7 @@ from typing import Any, Sequence
 import nibabel as nib
 import numpy as np
 
+from .errors import ConfigError
 from .prompts import format_record
 from .readers import REPORT_QUESTION, validate_record, write_manifest
 
@@ -172,12 +169,11 @@ class PhantomStudy:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write `.nii.gz` atomically (deterministic gzip: nibabel writes mtime 0, no name)."""
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name[:-7] if out.name.endswith('.nii.gz') else out.stem}.tmp.nii.gz")
-        self.to_nifti().to_filename(str(tmp))
-        os.replace(tmp, out)
-        return out
+        from medvlm3d.io import atomic_file
+
+        with atomic_file(path) as tmp:
+            self.to_nifti().to_filename(str(tmp))
+        return Path(path)
 
     def meta(self) -> dict[str, Any]:
         return {"seed": self.seed, "shape": list(self.shape), "spacing": list(self.spacing),
@@ -188,9 +184,9 @@ class PhantomStudy:
         """VQA dicts (question, answer, question_type, [choices, answer_choice], [slice_labels],
         meta {"form", "lesion"}) for up to `max_items` questions, each in every form of `forms`."""
         if max_items < 2:
-            raise ValueError(f"max_items must be >= 2 (a count and a presence question), got {max_items}")
+            raise ConfigError(f"max_items must be >= 2 (a count and a presence question), got {max_items}")
         if not forms or any(f not in ("closed", "open") for f in forms):
-            raise ValueError(f"forms must be a non-empty subset of ('closed', 'open'), got {forms!r}")
+            raise ConfigError(f"forms must be a non-empty subset of ('closed', 'open'), got {forms!r}")
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, 1]))
         p0 = self.lesion_probs[0]
         ask_presence = not self.lesions or rng.random() < min(1.0, p0 / max(1e-9, 1.0 - p0))
@@ -231,7 +227,7 @@ def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
 
 def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     if len(shape) != 3 or any(int(s) < m for s, m in zip(shape, MIN_SHAPE)):
-        raise ValueError(f"shape must be (D, H, W) with D >= {MIN_SHAPE[0]}, H, W >= {MIN_SHAPE[1]}; got {shape!r}")
+        raise ConfigError(f"shape must be (D, H, W) with D >= {MIN_SHAPE[0]}, H, W >= {MIN_SHAPE[1]}; got {shape!r}")
     return int(shape[0]), int(shape[1]), int(shape[2])
 
 
@@ -258,7 +254,7 @@ def _place_lesion(rng: np.random.Generator, props: dict[str, str], shape: tuple[
         off_spine = np.hypot(x - cx, y - body["spine_y"]) >= r + body["spine_r"] + 1.5
         if inside and off_spine:
             return (float(zc), float(y), float(x)), (rz, r, r)
-    raise ValueError(f"shape {shape} is too small to place a {props['size']} lesion; use a larger shape")
+    raise ConfigError(f"shape {shape} is too small to place a {props['size']} lesion; use a larger shape")
 
 
 def make_study(
@@ -277,15 +273,15 @@ def make_study(
     """
     d, h, w = shape = _check_shape(shape)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
     probs = np.asarray(lesion_probs, dtype=float)
     if probs.shape != (3,) or (probs < 0).any() or not np.isclose(probs.sum(), 1.0):
-        raise ValueError(f"lesion_probs must be 3 non-negative numbers summing to 1 (P of 0/1/2), got {lesion_probs!r}")
+        raise ConfigError(f"lesion_probs must be 3 non-negative numbers summing to 1 (P of 0/1/2), got {lesion_probs!r}")
     if n_lesions is not None and n_lesions not in (0, 1, 2):
-        raise ValueError(f"n_lesions must be 0, 1, 2 or None, got {n_lesions!r}")
+        raise ConfigError(f"n_lesions must be 0, 1, 2 or None, got {n_lesions!r}")
     sp = tuple(float(s) for s in (spacing if spacing is not None else np.divide(FOV_MM, shape)))
     if len(sp) != 3 or min(sp) <= 0:
-        raise ValueError(f"spacing must be 3 positive mm values (z, y, x), got {spacing!r}")
+        raise ConfigError(f"spacing must be 3 positive mm values (z, y, x), got {spacing!r}")
     anat, les_rng, noise_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(3))
 
     def jit(lo: float = 0.9, hi: float = 1.1) -> float:
@@ -341,7 +337,7 @@ def make_study(
 def study_seed(seed: int, index: int) -> int:
     """The seed of study `index` in a dataset made with `seed` (see the module docstring)."""
     if not 0 <= index < SEED_STRIDE:
-        raise ValueError(f"study index must be in [0, {SEED_STRIDE}), got {index}")
+        raise ConfigError(f"study index must be in [0, {SEED_STRIDE}), got {index}")
     return int(seed) * SEED_STRIDE + int(index)
 
 
@@ -356,7 +352,7 @@ def check_disjoint_seeds(*splits: tuple[int, int]) -> None:
     for k, (seed, n) in enumerate(splits):
         for s in split_seeds(seed, n):
             if s in seen:
-                raise ValueError(f"datasets {splits[seen[s]]} and {splits[k]} (seed, n) share study seed {s}")
+                raise ConfigError(f"datasets {splits[seen[s]]} and {splits[k]} (seed, n) share study seed {s}")
             seen[s] = k
 
 
@@ -388,7 +384,7 @@ def make_dataset(
 ) -> Path:
     """Write `n` studies to out_dir/volumes/phantom_XXXXX.nii.gz and out_dir/manifest.jsonl."""
     if not 1 <= int(n) <= SEED_STRIDE:
-        raise ValueError(f"n must be between 1 and {SEED_STRIDE}, got {n}")
+        raise ConfigError(f"n must be between 1 and {SEED_STRIDE}, got {n}")
     make_study(0, MIN_SHAPE).vqa_items(questions_per_study, forms)  # checks both arguments early
     out = Path(out_dir)
     records: list[dict[str, Any]] = []
@@ -420,36 +416,3 @@ def report_labels(report: str) -> dict[str, int]:
     n = len(_LESION_RE.findall(report))
     negative = "no focal lesion" in report.lower()
     return {"lesion": int(n > 0 or (not negative and "lesion" in report.lower())), "count": n}
-
-
-# --------------------------------------------------------------------------------------------
-# CLI verb
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output folder (volumes/ and manifest.jsonl)")
-    parser.add_argument("--n", type=int, default=50, help="number of studies (default 50)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="dataset seed; the demo uses 0 for train and 1 for test (default 0)")
-    parser.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("D", "H", "W"),
-                        help=f"volume shape (default {' '.join(map(str, DEFAULT_SHAPE))})")
-    parser.add_argument("--questions-per-study", type=int, default=6,
-                        help="at most this many VQA questions per study, each written closed and open (default 6)")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        manifest = make_dataset(args.out, args.n, seed=args.seed, shape=tuple(args.shape),
-                                questions_per_study=args.questions_per_study)
-    except ValueError as e:
-        print(f"medvlm3d synth: error: {e}", file=sys.stderr)
-        return 2
-    lines = manifest.read_text(encoding="utf-8").splitlines()
-    recs = [json.loads(line) for line in lines]
-    counts = Counter(r["meta"]["n_lesions"] for r in recs if r["task"] == "report")
-    types = Counter(r.get("question_type", "report") for r in recs)
-    print(manifest)
-    print(f"studies: {args.n}  records: {len(recs)}  lesions per study: "
-          + ", ".join(f"{k}: {counts.get(k, 0)}" for k in (0, 1, 2)))
-    print("records by type: " + ", ".join(f"{k}: {v}" for k, v in sorted(types.items())))
-    return 0

@@ -7,8 +7,8 @@
 
     medvlm3d validate --data PATH [--config NAME|YAML] [--kind K] [--split S] [--no-volumes]
                       [--json OUT] [key=value ...]
-        prints a summary table and the bad records; exit 1 when any record is bad, 0 when all
-        are good, 2 for a bad config or command line.
+        prints a summary table and the bad records; exit 2 when any record is bad or the config
+        or command line is bad, 0 when all are good (the verb: medvlm3d/cli/validate.py).
 
 Steps:
   1. records: `read_records_report(skip_bad_records=True, check_files=True, allow_empty=True)`
@@ -30,18 +30,15 @@ with `report.format()` when `not report.ok`.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medvlm3d.config import DataConfig, load_config
-from .errors import ConfigError, DataError
+from medvlm3d.config import DataConfig
+from .errors import DataError
 from .readers import get_format, read_records_report
 
 logger = logging.getLogger(__name__)
@@ -209,42 +206,4 @@ def validate_dataset(
     return report
 
 
-# --------------------------------------------------------------------------------------------
-# CLI verb
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True,
-                        help="dataset: a .jsonl manifest, M3D_Cap.json, an M3D-VQA .csv or a CT-RATE root")
-    parser.add_argument("--config", default=None,
-                        help="run config (YAML path or shipped name) whose data section sets the preprocessing "
-                             "(size, hu_window, max_voxels, oversize, cache_dir...); default: the DataConfig defaults")
-    parser.add_argument("--kind", default=None,
-                        help="dataset kind: auto or a registered format (manifest, m3d_cap, m3d_vqa, ct_rate, ...; "
-                             "default: the config's data.kind, else detected)")
-    parser.add_argument("--split", default=None,
-                        help="M3D-Cap train|validation|test or CT-RATE train|valid (default: all splits)")
-    parser.add_argument("--no-volumes", action="store_true", help="check the records only; load no volume")
-    parser.add_argument("--json", default=None, help="also write the full report here (JSON)")
-    parser.add_argument("--max-rows", type=int, default=50, help="bad records printed at most (default 50)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. data.size=[32,256,256] data.oversize=refuse")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config if args.config is not None else {}, args.overrides).data
-        report = validate_dataset(args.data, cfg, kind=args.kind or "auto", load_volumes=not args.no_volumes,
-                                  split=args.split)
-    except (ConfigError, ValueError) as e:
-        print(f"medvlm3d validate: error: {e}", file=sys.stderr)
-        return 2
-    print(report.format(max_rows=args.max_rows))
-    if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report.to_dict(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    return 0 if report.ok else 1
-
-
-__all__ = ["Problem", "ValidationReport", "validate_dataset", "add_arguments", "run"]
+__all__ = ["Problem", "ValidationReport", "validate_dataset"]

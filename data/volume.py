@@ -64,7 +64,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
@@ -341,17 +340,13 @@ def _cache_write(path: Path, study: Study) -> None:
     tensors = {f.name: getattr(study, f.name) for f in dataclasses.fields(Study) if f.name != "native_depth"}
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     tensors["native_depth"] = torch.tensor(study.native_depth, dtype=torch.long)
-    tmp = None
+    from medvlm3d.io import atomic_file
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-        os.close(fd)
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp))
     except Exception as e:  # a cache that cannot be written never stops training
         logger.warning("%s: cannot write cache file (%s: %s)", path, type(e).__name__, e)
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
 
 
 def load_study(

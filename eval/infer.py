@@ -17,14 +17,10 @@ Python API:
     select(volume, k=3, planes=PLANES, neighbours=5, size=None, out=..., modality="auto") -> dict
         Vote-MI alone (no checkpoint): `<out>/<plane>_<index>.png` (8-bit grey, radiological
         display orientation, see eval/plots.py) + `<out>/selection.json`.
-    export(checkpoint, out, merge_lora=False) -> Path
-        A standalone checkpoint folder (llm/ always stored); with merge_lora the LoRA adapter is
-        merged and `<out>/llm` loads with plain `AutoModelForCausalLM.from_pretrained`.
+    export(checkpoint, out, merge_lora=False) -> Path   (moved to model/export.py; re-exported)
 
-Command line (`medvlm3d infer | select | export`): the three verbs share this module; the verb
-is read from the parser's prog name that `medvlm3d.cli` gives ("medvlm3d <verb>"), and each has
-its own `add_<verb>_arguments` / `run_<verb>` pair. Bad input (missing checkpoint or volume,
-unreadable file, bad option) prints `medvlm3d <verb>: error: ...` on stderr and returns 1.
+Command line: `medvlm3d infer | select` (medvlm3d/cli/infer.py, select.py); `export` lives in
+model/export.py. Bad input (missing checkpoint or volume, bad option) raises DataError/ConfigError.
 
 Preprocessing always comes from the checkpoint's own `cfg.data`. The volume is read once: the
 preprocessed tensor [1, D, H, W] feeds both `model.generate` and Vote-MI (identical to passing
@@ -34,11 +30,9 @@ the path, since generate slices it with the same `slice_views`), except when
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,24 +40,20 @@ from typing import Any, Sequence
 import torch
 
 from medvlm3d.config import PLANES, DataConfig
-from medvlm3d.data.errors import DataError
+from medvlm3d.data.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 TASKS = ("vqa", "report")
-VERBS = ("infer", "select", "export")
 
 
 # ------------------------------------------------------------------------------------- helpers
 
 
 def _write_json(obj: Any, path: str | os.PathLike) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    from medvlm3d.io import atomic_write_json
+
+    return atomic_write_json(path, obj)
 
 
 def _check_volume_path(volume: Any) -> None:
@@ -75,7 +65,8 @@ def _check_volume_path(volume: Any) -> None:
 def _check_checkpoint(path: str | os.PathLike) -> Path:
     root = Path(path)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: checkpoint folder not found")
+        raise DataError(f"{root}: checkpoint folder not found (expected a folder written by save_pretrained / "
+                        "export, holding checkpoint.json)")
     return root
 
 
@@ -83,11 +74,11 @@ def _device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as e:
-        raise ValueError(f"device must be cpu or cuda[:N], got {device!r}") from e
+        raise ConfigError(f"device must be cpu or cuda[:N], got {device!r}") from e
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda[:N], got {device!r}")
+        raise ConfigError(f"device must be cpu or cuda[:N], got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+        raise ConfigError("device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
     return dev
 
 
@@ -101,7 +92,7 @@ def parse_device_map(text: str | None) -> Any:
         try:
             return json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"--device-map: {text!r} is not a JSON object {{module name: device}} ({e})") from e
+            raise ConfigError(f"--device-map: {text!r} is not a JSON object {{module name: device}} ({e})") from e
     return int(text) if text.isdigit() else text
 
 
@@ -170,10 +161,10 @@ def infer(
     from medvlm3d.data.select.votek import select_slices
 
     if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
     if prompt is None or not str(prompt).strip():
         if task != "report":
-            raise ValueError("a prompt is needed (--prompt \"...\"), or --task report for the report instruction")
+            raise ConfigError("a prompt is needed (--prompt \"...\"), or --task report for the report instruction")
         prompt = REPORT_QUESTION
     if isinstance(checkpoint, (str, os.PathLike)):
         _check_checkpoint(checkpoint)
@@ -260,16 +251,17 @@ def select(
     from medvlm3d.data.volume import load_volume
     from medvlm3d.eval.plots import slice_image, to_uint8
     from medvlm3d.data.select.votek import select_slices
+    from medvlm3d.io import atomic_file
 
     planes = tuple(planes)
     bad = [p for p in planes if p not in PLANES]
     if bad or not planes:
-        raise ValueError(f"planes must be a non-empty subset of {list(PLANES)}, got {list(planes)}")
+        raise ConfigError(f"planes must be a non-empty subset of {list(PLANES)}, got {list(planes)}")
     if k < 1 or neighbours < 1:
-        raise ValueError(f"k and neighbours must be >= 1, got k={k}, neighbours={neighbours}")
+        raise ConfigError(f"k and neighbours must be >= 1, got k={k}, neighbours={neighbours}")
     size = tuple(int(s) for s in (size or DataConfig.size))
     if len(size) != 3 or min(size) < 2:
-        raise ValueError(f"size must be three integers D H W >= 2, got {list(size)}")
+        raise ConfigError(f"size must be three integers D H W >= 2, got {list(size)}")
     _check_volume_path(volume)
     vol = load_volume(volume, size=size, modality=modality)
     chosen = select_slices(vol, k, planes, neighbours, feature_size)
@@ -286,9 +278,8 @@ def select(
         files = []
         for i in r["indices"]:
             name = f"{plane}_{i:0{width}d}.png"
-            tmp = folder / f".{name}.tmp"
-            Image.fromarray(to_uint8(slice_image(vol, plane, i))).save(tmp, format="PNG")
-            os.replace(tmp, folder / name)
+            with atomic_file(folder / name) as tmp:
+                Image.fromarray(to_uint8(slice_image(vol, plane, i))).save(tmp, format="PNG")
             files.append(name)
         result["planes"][plane] = {"indices": r["indices"], "picked_votes": [r["votes"][i] for i in r["indices"]],
                                    "files": files, "n_slices": n, "votes": r["votes"]}
@@ -297,114 +288,8 @@ def select(
     return result
 
 
-# -------------------------------------------------------------------------------------- export
-
-
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike, merge_lora: bool = False) -> Path:
-    """A standalone copy of a checkpoint: the base LLM always stored in `llm/` (even when the
-    source names an external LLM folder), the adapter kept or merged (`merge_lora`)."""
-    from medvlm3d.model.checkpoint import save_pretrained
-    from medvlm3d.model.llm import has_lora
+    """Kept for old imports: `medvlm3d.model.export.export`."""
+    from medvlm3d.model.export import export as _export
 
-    src = _check_checkpoint(checkpoint)
-    if Path(out).resolve() == src.resolve():
-        raise ValueError(f"export: --out must differ from --checkpoint ({src})")
-    model = load_model(src, "cpu")
-    if merge_lora and not has_lora(model.llm):
-        log.info("%s holds no LoRA adapter; --merge-lora has nothing to merge", src)
-    path = save_pretrained(model, out, merge_lora=merge_lora, save_base_llm="always")
-    log.info("exported %s -> %s%s", src, path, " (LoRA merged)" if merge_lora else "")
-    return path
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_infer_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder (written by save_pretrained / export)")
-    p.add_argument("--volume", required=True, help="a .nii/.nii.gz file, a DICOM series folder or file, or an .npy")
-    p.add_argument("--prompt", default=None, help="the question or instruction")
-    p.add_argument("--task", choices=TASKS, default="vqa", help="report: no prompt needed (default vqa)")
-    p.add_argument("--plot", default=None, help="write the slice-score picture here (PNG)")
-    p.add_argument("--json", default=None, help="write the answer, slice scores and Vote-MI picks here")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N] (bf16 on a GPU)")
-    add_device_map_argument(p)
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the checkpoint's eval.max_new_tokens")
-    p.add_argument("--top-k", type=int, default=6, help="slices shown in the plot's strip (default 6)")
-
-
-def add_device_map_argument(p: argparse.ArgumentParser) -> None:
-    """`--device-map`, shared by `medvlm3d infer` and `medvlm3d eval`."""
-    p.add_argument("--device-map", default=None, metavar="MAP",
-                   help="for LLMs too large for one GPU, e.g. --device-map auto: the LLM's layers are spread over "
-                        "the GPUs (then the CPU) by accelerate, bf16, and the other modules follow its input "
-                        "embeddings; also balanced | balanced_low_0 | sequential | a device | a JSON object "
-                        "{module name: device}. Overrides --device. A LoRA adapter needs the LLM on GPUs only (export "
-                        "--merge-lora first otherwise). Default: none (whole model on --device)")
-
-
-def run_infer(args: argparse.Namespace) -> int:
-    out = infer(args.checkpoint, args.volume, args.prompt, task=args.task, device=args.device,
-                max_new_tokens=args.max_new_tokens, plot=args.plot, json_path=args.json, top_k=args.top_k,
-                device_map=parse_device_map(args.device_map))
-    top = sorted(out["slice_scores"], key=lambda e: -e["score"])[:3]
-    if top:
-        log.info("top slices: %s", ", ".join(f"{e['plane']} {e['index']} ({e['score']:.3f})" for e in top))
-    print(out["answer"])
-    return 0
-
-
-def add_select_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--volume", required=True, help="a .nii/.nii.gz file, a DICOM series folder or file, or an .npy")
-    p.add_argument("--k", type=int, default=3, help="slices to pick per plane (default 3)")
-    p.add_argument("--planes", default=",".join(PLANES), help="comma-separated planes (default all three)")
-    p.add_argument("--neighbours", type=int, default=5, help="vote-k neighbours per slice (default 5)")
-    p.add_argument("--size", type=int, nargs=3, metavar=("D", "H", "W"), default=None,
-                   help=f"resize the volume to D H W first (default {' '.join(map(str, DataConfig.size))})")
-    p.add_argument("--modality", choices=("auto", "ct", "mri"), default="auto", help="intensity normalisation")
-    p.add_argument("--out", required=True, help="output folder for the PNGs and selection.json")
-
-
-def run_select(args: argparse.Namespace) -> int:
-    planes = [p.strip() for p in args.planes.split(",") if p.strip()]
-    res = select(args.volume, args.out, k=args.k, planes=planes, neighbours=args.neighbours, size=args.size,
-                 modality=args.modality)
-    for plane, r in res["planes"].items():
-        print(f"{plane}: {' '.join(r['files'])}")
-    return 0
-
-
-def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder to export")
-    p.add_argument("--out", required=True, help="new standalone checkpoint folder")
-    p.add_argument("--merge-lora", action="store_true", help="merge the LoRA adapter into llm/")
-
-
-def run_export(args: argparse.Namespace) -> int:
-    print(export(args.checkpoint, args.out, merge_lora=args.merge_lora))
-    return 0
-
-
-_ADD = {"infer": add_infer_arguments, "select": add_select_arguments, "export": add_export_arguments}
-_RUN = {"infer": run_infer, "select": run_select, "export": run_export}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of the verb named by `parser.prog` ("medvlm3d infer" | "... select" | "... export")."""
-    verb = parser.prog.rsplit(" ", 1)[-1]
-    if verb not in _ADD:
-        raise ValueError(f"medvlm3d.eval.infer serves the verbs {VERBS}; parser prog {parser.prog!r} names none")
-    _ADD[verb](parser)
-    parser.set_defaults(_verb=verb)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run the verb; bad input -> a one-line error on stderr and exit code 1 (no traceback;
-    `--log-level DEBUG` logs it)."""
-    verb = args._verb
-    try:
-        return _RUN[verb](args)
-    except (ValueError, OSError) as e:  # DataError and ConfigError are ValueErrors
-        log.debug("medvlm3d %s failed", verb, exc_info=True)
-        print(f"medvlm3d {verb}: error: {e}", file=sys.stderr)
-        return 1
+    return _export(checkpoint, out, merge_lora=merge_lora)

@@ -158,15 +158,11 @@ def slice_score_figure(
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     """Write `fig` as PNG to `path` atomically (temporary sibling, then rename)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    from medvlm3d.io import atomic_file
+
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return Path(path)
 
 
 def save_slice_score_plot(path: str | os.PathLike, *args, **kwargs) -> Path:  # type: ignore[no-untyped-def]

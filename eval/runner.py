@@ -40,14 +40,12 @@ image); same prompts, same metrics; no slice mass (the labels belong to the othe
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import logging
 import os
 import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Sequence
@@ -249,9 +247,9 @@ def headline(result: dict[str, Any]) -> tuple[str, float]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from medvlm3d.io import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 def evaluate(
@@ -361,71 +359,3 @@ def read_eval_records(source: str, cfg: Any, task: str, kind: str = "auto", spli
     return read_records(source, kind, data_root=cfg.data_root or None, split=split, vqa_mode=vqa_mode,
                         ct_rate_target=cfg.ct_rate_target, skip_bad_records=cfg.skip_bad_records,
                         allow_outside_root=cfg.allow_outside_root)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from medvlm3d.eval.infer import add_device_map_argument
-
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder (save_pretrained / export)")
-    p.add_argument("--data", required=True, help="a JSONL manifest, M3D_Cap.json, an M3D-VQA .csv or a CT-RATE root")
-    p.add_argument("--task", required=True, choices=TASKS, help="what to evaluate")
-    p.add_argument("--kind", default="auto", choices=("auto", "manifest", "m3d_cap", "m3d_vqa", "ct_rate"))
-    p.add_argument("--split", default=None, help="M3D-Cap train|validation|test, CT-RATE train|valid")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N records of the task")
-    p.add_argument("--batch-size", type=int, default=8, help="studies per generation batch (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the checkpoint's eval.max_new_tokens")
-    p.add_argument("--out", default=None, help="output folder (default ./eval-<checkpoint>-<task>)")
-    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process)")
-    p.add_argument("--blind", action="store_true", help="also run the image-blind control and print the drop")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    add_device_map_argument(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of the blind derangement / random slices")
-    p.add_argument("--protocol", default="standard", choices=("standard", "voteMI"),
-                   help="voteMI (with --task classify): random vs Vote-MI vs TG-IS slices, zero/few-shot")
-    p.add_argument("--support", default=None,
-                   help="voteMI: labelled support set (default: the other studies of --data)")
-    p.add_argument("--k-slices", type=int, default=3, help="voteMI: slices kept per plane (default 3)")
-    p.add_argument("--shots", type=int, nargs="+", default=[0, 2], help="voteMI: in-context examples (default 0 2)")
-
-
-def _run(args: argparse.Namespace) -> int:
-    from medvlm3d.eval.infer import load_model, parse_device_map
-
-    if args.protocol == "voteMI" and args.task != "classify":
-        raise ValueError("--protocol voteMI needs --task classify")
-    model = load_model(args.checkpoint, args.device, parse_device_map(args.device_map))
-    records = read_eval_records(args.data, model.cfg.data, args.task, args.kind, args.split)
-    out = Path(args.out or f"eval-{Path(args.checkpoint).resolve().name}-{args.task}")
-    if args.protocol == "voteMI":
-        from medvlm3d.eval.fewshot import fewshot_table, format_fewshot_table
-
-        support = read_eval_records(args.support, model.cfg.data, "classify") if args.support else None
-        rows = fewshot_table(model, task_records(records, "classify")[: args.limit], support, k_slices=args.k_slices,
-                             shots=tuple(args.shots), seed=args.seed, batch_size=args.batch_size,
-                             max_new_tokens=args.max_new_tokens)
-        out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "fewshot.json", json.dumps(rows, indent=2) + "\n")
-        print(format_fewshot_table(rows))
-        return 0
-    kw = dict(batch_size=args.batch_size, limit=args.limit, meteor=not args.no_meteor, seed=args.seed,
-              max_new_tokens=args.max_new_tokens)
-    result = evaluate(model, records, args.task, out_dir=out, **kw)
-    print(metrics_table(result))
-    if args.blind:
-        blind = evaluate(model, records, args.task, out_dir=out / "blind", blind=True, **kw)
-        print("\n" + metrics_table(blind))
-        name, a = headline(result)
-        b = headline(blind)[1]
-        print(f"\nimage-blind control: {name} {a:.4f} -> {b:.4f} (drop {a - b:+.4f})")
-    print(f"\nwrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
-    return 0
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run the verb; bad input -> a one-line error on stderr and exit code 1."""
-    try:
-        return _run(args)
-    except (ValueError, OSError) as e:  # DataError and ConfigError are ValueErrors
-        log.debug("medvlm3d eval failed", exc_info=True)
-        print(f"medvlm3d eval: error: {e}", file=sys.stderr)
-        return 1

@@ -26,10 +26,8 @@ config.yaml) is one DataError / ConfigError line naming it (model/checkpoint_che
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,8 @@ import torch
 from safetensors.torch import save_file
 
 from medvlm3d.config import save_config
-from medvlm3d.data.errors import DataError
+from medvlm3d.data.errors import ConfigError, DataError
+from medvlm3d.io import atomic_dir, atomic_write_json, swap_dir
 from medvlm3d.model.checkpoint_checks import (FORMAT_VERSION, check_folder, check_llm_keys, check_state, first_line,
                                               llm_shape_mismatches, load_tensors, read_meta, read_run_config)
 
@@ -61,21 +60,8 @@ def non_llm_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def atomic_dir_swap(tmp: Path, final: Path) -> None:
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in path.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
+    """Kept for old imports: `medvlm3d.io.swap_dir`."""
+    swap_dir(tmp, final)
 
 
 def save_pretrained(model: Any, path: str | os.PathLike, merge_lora: bool = False, save_base_llm: str = "auto") -> Path:
@@ -88,12 +74,7 @@ def save_pretrained(model: Any, path: str | os.PathLike, merge_lora: bool = Fals
     if save_base_llm not in ("auto", "always", "never"):
         raise ValueError(f"save_base_llm must be auto | always | never, got {save_base_llm!r}")
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with atomic_dir(final) as tmp:
         cfg = copy.deepcopy(model.cfg)
         llm = model.llm
         lora = _has_lora(llm)
@@ -124,12 +105,7 @@ def save_pretrained(model: Any, path: str | os.PathLike, merge_lora: bool = Fals
             "num_visual_tokens": int(model.num_visual_tokens),
             "variant": cfg.model.variant,
         }
-        (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        _fsync_tree(tmp)
-        atomic_dir_swap(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_json(tmp / "checkpoint.json", meta)
     log.info("saved checkpoint to %s (%s)", final, layout)
     return final
 
@@ -155,7 +131,7 @@ def _restore_llm(
     llm_cfg = copy.deepcopy(cfg.model.llm)
     llm_cfg.path = str(root / "llm") if (root / "llm").is_dir() else meta.get("external_llm", "")
     if not llm_cfg.path:
-        raise FileNotFoundError(f"{root}: no llm/ folder and no external LLM path in checkpoint.json")
+        raise DataError(f"{root}: no llm/ folder and no external LLM path in checkpoint.json")
     try:
         llm = build_llm(llm_cfg, tokenizer, device_map=device_map)
     except (OSError, RuntimeError, ValueError) as e:  # HF's loader: truncated / mismatched weights
@@ -207,19 +183,19 @@ def check_device_map(device_map: Any) -> Any:
         return device_map
     if isinstance(device_map, dict):
         if not device_map:
-            raise ValueError(f"{expected}; got an empty dict")
+            raise ConfigError(f"{expected}; got an empty dict")
         values = [v for v in device_map.values() if v != "disk"]
     elif isinstance(device_map, (str, int, torch.device)) and not isinstance(device_map, bool):
         values = [device_map]
     else:
-        raise ValueError(f"{expected}; got {device_map!r}")
+        raise ConfigError(f"{expected}; got {device_map!r}")
     for v in values:
         try:
             dev = torch.device("cuda", v) if isinstance(v, int) and not isinstance(v, bool) else torch.device(v)
         except (RuntimeError, TypeError, ValueError) as e:
-            raise ValueError(f"{expected}; got {device_map!r} ({v!r} is not a device)") from e
+            raise ConfigError(f"{expected}; got {device_map!r} ({v!r} is not a device)") from e
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device_map {device_map!r} names a CUDA device but torch sees no CUDA GPU")
+            raise ConfigError(f"device_map {device_map!r} names a CUDA device but torch sees no CUDA GPU")
     return device_map
 
 
@@ -265,7 +241,7 @@ def load_pretrained(
                          "since some 3D ops (avg_pool3d) have no reduced-precision CPU kernel")
     root = Path(path)
     if not (root / "config.yaml").is_file() or not (root / "model.safetensors").is_file():
-        raise FileNotFoundError(
+        raise DataError(
             f"{root} is not a medvlm3d checkpoint: expected config.yaml and model.safetensors inside it"
         )
     meta = _read_meta(root)
@@ -306,7 +282,7 @@ def init_from_checkpoint(cfg: Any, path: str | os.PathLike) -> Any:
 
     root = Path(path)
     if not (root / "model.safetensors").is_file():
-        raise FileNotFoundError(f"train.init_from={str(root)!r} is not a medvlm3d checkpoint (no model.safetensors)")
+        raise ConfigError(f"train.init_from={str(root)!r} is not a medvlm3d checkpoint (no model.safetensors)")
     meta = _read_meta(root)
     cfg = copy.deepcopy(cfg)
     cfg.model.llm.tokenizer = str(root / "tokenizer")

@@ -41,6 +41,7 @@ from transformers import (
 )
 
 from medvlm3d.config_fields import check_choice
+from medvlm3d.data.errors import ConfigError
 from medvlm3d.registry import Registry
 
 
@@ -104,16 +105,16 @@ def _qwen2_config(**fields: Any) -> PretrainedConfig:
 def _local_dir(path: str, what: str, need: tuple[str, ...] = ()) -> Path:
     """The folder `path` as a Path, or a clear error (no hub look-up is ever attempted)."""
     if not path:
-        raise ValueError(f"{what}: no local folder given (set it to a folder holding the files)")
+        raise ConfigError(f"{what}: no local folder given (set it to a folder holding the files)")
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise FileNotFoundError(f"{what}: folder {str(p)!r} does not exist (models are read from local folders only)")
+        raise ConfigError(f"{what}: folder {str(p)!r} does not exist (models are read from local folders only)")
     files = sorted(x.name for x in p.iterdir())
     if not files:
-        raise FileNotFoundError(f"{what}: folder {str(p)!r} is empty")
+        raise ConfigError(f"{what}: folder {str(p)!r} is empty")
     for name in need:
         if name not in files:
-            raise FileNotFoundError(f"{what}: folder {str(p)!r} has no {name} (it holds {files[:10]})")
+            raise ConfigError(f"{what}: folder {str(p)!r} has no {name} (it holds {files[:10]})")
     return p
 
 

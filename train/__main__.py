@@ -1,6 +1,6 @@
 """`python -m medvlm3d.train ...` and `accelerate launch [--config_file configs/accelerate/<x>.yaml]
--m medvlm3d.train --config <yaml|name> [--stage <yaml|name>] [key=value ...]`: one training stage
-(see train/recipe.py).
+-m medvlm3d.train --config <yaml|name> [--stage <yaml|name>] [key=value ...]`: the `train` verb
+(medvlm3d/cli/train.py), with the CLI's exit-code policy (medvlm3d/cli/__init__.py).
 
 A worker of a multi-process launch leaves through `os._exit` once the recipe has finished and
 torn down (trackers closed, process group destroyed, checkpoints fsynced, logs flushed). The
@@ -14,11 +14,12 @@ import logging
 import os
 import sys
 
-from medvlm3d.train.recipe import launched_distributed, main
+from medvlm3d.cli import run_verb
+from medvlm3d.train.recipe import launched_distributed
 
 code = 1
 try:
-    code = main()
+    code = run_verb("train", sys.argv[1:], prog="medvlm3d.train")
 finally:
     if launched_distributed():
         logging.shutdown()

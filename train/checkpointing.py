@@ -25,6 +25,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from medvlm3d.io import atomic_write_json, atomic_write_text, fsync_tree
+
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -65,13 +67,6 @@ def _discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _fsync_dir_files(path: Path) -> None:
-    for p in path.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
 def write_checkpoint(
     root: Path,
     step: int,
@@ -95,14 +90,12 @@ def write_checkpoint(
     write_contents(tmp)
     barrier()
     if is_main:
-        (tmp / "progress.json").write_text(json.dumps(progress), encoding="utf-8")
-        _fsync_dir_files(tmp)
+        atomic_write_json(tmp / "progress.json", progress, indent=None)
+        fsync_tree(tmp)
         if final.exists():  # a stale folder of the same step (e.g. from an earlier, aborted run)
             _discard(final)
         os.replace(tmp, final)
-        (final / MARKER).write_text("ok\n", encoding="utf-8")
-        with open(final / MARKER, "rb") as fh:
-            os.fsync(fh.fileno())
+        atomic_write_text(final / MARKER, "ok\n")
         prune(root, keep_last)
         log.info("checkpoint %s written", final)
     barrier()

@@ -16,7 +16,6 @@ then `--set` overrides, which apply to every stage (e.g. `--set model.vote_mi.te
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -124,29 +123,25 @@ def format_figures(figures: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
-    parser.add_argument("--n-train", type=int, default=1000, help="training studies (seed 0)")
-    parser.add_argument("--n-test", type=int, default=40, help="held-out studies (seed 1)")
-    parser.add_argument("--config", default="demo", help="model/data config (name or YAML)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every stage")
-    parser.add_argument("--skip-to", choices=STAGES, default=None, help="resume the chain at this stage")
-    parser.add_argument("--meteor", action="store_true", help="also compute METEOR (starts java)")
+def run_demo(out: str | Path, n_train: int = 1000, n_test: int = 40, config: str = "demo",
+             overrides: Sequence[str] = (), skip_to: str | None = None, meteor: bool = False) -> dict[str, Any]:
+    """The whole demo in the run folder `out`; writes report.json and report.md there and returns
+    the report dict (figures, seconds, checkpoint, and the eval details)."""
+    from medvlm3d.data.errors import ConfigError
+    from medvlm3d.io import atomic_write_text
 
-
-def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    if skip_to is not None and skip_to not in STAGES:
+        raise ConfigError(f"skip_to must be one of {list(STAGES)}, got {skip_to!r}")
+    out = Path(out)
     t0 = time.perf_counter()
-    train, test, tok = make_data(out, args.n_train, args.n_test)
-    stages = STAGES if args.skip_to is None else STAGES[STAGES.index(args.skip_to):]
-    init = "" if args.skip_to in (None, STAGES[0]) else str(out / STAGES[STAGES.index(args.skip_to) - 1] / "final")
-    final = run_stages(out, train, tok, args.set, stages, init_from=init, config=args.config)
-    result = evaluate_demo(final, test, out / "eval", meteor=args.meteor)
+    train, test, tok = make_data(out, n_train, n_test)
+    stages = STAGES if skip_to is None else STAGES[STAGES.index(skip_to):]
+    init = "" if skip_to in (None, STAGES[0]) else str(out / STAGES[STAGES.index(skip_to) - 1] / "final")
+    final = run_stages(out, train, tok, list(overrides), stages, init_from=init, config=config)
+    result = evaluate_demo(final, test, out / "eval", meteor=meteor)
     result["seconds"] = time.perf_counter() - t0
     result["checkpoint"] = str(final)
-    (out / "report.json").write_text(json.dumps(result, indent=2, default=float), encoding="utf-8")
+    atomic_write_text(out / "report.json", json.dumps(result, indent=2, default=float))
     table = format_figures(result["figures"])
-    (out / "report.md").write_text(f"# medvlm3d demo\n\ncheckpoint: `{final}`\n\n```\n{table}\n```\n", encoding="utf-8")
-    print(table)
-    print(f"\ncheckpoint: {final}\nreport: {out / 'report.md'}\ntotal time: {result['seconds'] / 60:.1f} min")
-    return 0
+    atomic_write_text(out / "report.md", f"# medvlm3d demo\n\ncheckpoint: `{final}`\n\n```\n{table}\n```\n")
+    return result

@@ -38,13 +38,11 @@ The process group is destroyed at the end, so multi-process runs exit cleanly.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -266,13 +264,10 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    from medvlm3d.model.checkpoint import atomic_dir_swap
+    from medvlm3d.io import atomic_dir
 
-    tmp = dst.with_name(f".{dst.name}.tmp-copy")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(src, tmp)
-    atomic_dir_swap(tmp, dst)
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -373,45 +368,3 @@ def teardown(accelerator: Any) -> None:
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-# ------------------------------------------------------------------------------------------------
-# command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="demo", help="run config: a YAML path or a shipped name (default demo)")
-    parser.add_argument("--stage", action="append", default=[],
-                        help="stage YAML layered on top (path or shipped name, e.g. stage1_align); repeatable")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. train.max_steps=50 train.output_dir=runs/x")
-
-
-def run(args: argparse.Namespace) -> int:
-    from medvlm3d.data.errors import ConfigError, DataError
-
-    try:
-        cfg = load_config(args.config, args.overrides, layers=args.stage)
-    except (ConfigError, DataError) as e:
-        log.error("%s", e)
-        return 2
-    try:
-        path = run_training(cfg)
-    except TrainingDiverged as e:
-        log.error("training diverged: %s", e)
-        return EXIT_DIVERGED
-    except (ValueError, FileNotFoundError) as e:
-        log.error("%s", e)
-        return 2
-    log.info("model folder: %s", path)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m medvlm3d.train` / `accelerate launch -m medvlm3d.train`: the `train` verb."""
-    parser = argparse.ArgumentParser(prog="medvlm3d.train", description="train one stage of a medvlm3d model")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    add_arguments(parser)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(args)

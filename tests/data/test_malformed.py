@@ -844,12 +844,12 @@ def test_validate_reports_instead_of_raising(tmp_path: Path) -> None:
 def test_validate_cli_exit_codes_table_and_json(tmp_path: Path, capsys) -> None:
     source = _mixed_dataset(tmp_path)
     out = tmp_path / "out" / "report.json"
-    assert cli_main(["validate", "--data", str(source), "--json", str(out), "data.size=[4,8,8]"]) == 1
+    assert cli_main(["validate", "--data", str(source), "--json", str(out), "data.size=[4,8,8]"]) == 2
     text = capsys.readouterr().out
     assert "bad records" in text and "'n1'" in text and "data.jsonl line 8" in text
     saved = json.loads(out.read_text())
     assert saved["ok"] is False and saved["bad_records"] == 8 and len(saved["problems"]) == 8
-    assert cli_main(["validate", "--data", str(source), "--no-volumes"]) == 1
+    assert cli_main(["validate", "--data", str(source), "--no-volumes"]) == 2
     good = tmp_path / "good.jsonl"
     good.write_text(_rec(id="g1", image="good.npy") + "\n")
     assert cli_main(["validate", "--data", str(good), "data.size=[4,8,8]"]) == 0

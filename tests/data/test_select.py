@@ -11,7 +11,7 @@ import torch
 from medvlm3d.config import ConfigError, VoteMIConfig, load_config
 from medvlm3d.data.collate import Collator
 from medvlm3d.data.dataset import StudyDataset
-from medvlm3d.data.select import SELECTORS, build_selector
+from medvlm3d.data.select import build_selector
 from medvlm3d.data.select.step import SelectionPlan
 from medvlm3d.model.medvlm import build_model
 

@@ -141,9 +141,9 @@ def test_infer_device_map_matches_plain_load(env: dict, tmp_path: Path, capsys: 
     plain, auto = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "auto"))
     assert auto["answer"] == plain["answer"] and auto["slice_scores"] == plain["slice_scores"]
     capsys.readouterr()
-    assert _run([*ask, "--device-map", "atuo"]) == 1
+    assert _run([*ask, "--device-map", "atuo"]) == 2
     assert "device_map must be one of" in capsys.readouterr().err
-    assert _run([*ask, "--device-map", "{oops"]) == 1
+    assert _run([*ask, "--device-map", "{oops"]) == 2
     assert "--device-map" in capsys.readouterr().err
 
 
@@ -181,7 +181,7 @@ def test_select_writes_pngs_and_picks_the_lesion(tmp_path: Path) -> None:
     one = tmp_path / "one"
     assert _run(["select", "--volume", vol, "--k", 2, "--planes", "axial", "--out", one]) == 0
     assert len(list(one.glob("axial_*.png"))) == 2 and not list(one.glob("coronal_*"))
-    assert _run(["select", "--volume", vol, "--planes", "oblique", "--out", one]) == 1
+    assert _run(["select", "--volume", vol, "--planes", "oblique", "--out", one]) == 2
 
 
 def _logits(model: torch.nn.Module, volume: Path) -> torch.Tensor:
@@ -232,10 +232,10 @@ def test_bad_inputs_give_clear_errors(env: dict, tmp_path: Path, capsys: pytest.
         (["export", "--checkpoint", tmp_path / "nope", "--out", tmp_path / "e"], "checkpoint folder not found"),
     ]
     for argv, words in cases:
-        assert _run(argv) == 1, argv
+        assert _run(argv) == 2, argv
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, err
-        assert err.startswith(f"medvlm3d {argv[0]}: error:")
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
 
 
 def test_slice_image_radiological_orientation() -> None:

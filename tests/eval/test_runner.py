@@ -272,11 +272,11 @@ def test_cli_eval_prints_table(ckpt: Path, phantom_manifest: Path, tmp_path: Pat
 def test_cli_eval_errors(ckpt: Path, phantom_manifest: Path, tmp_path: Path, capsys) -> None:
     rc = main(["eval", "--checkpoint", str(ckpt), "--data", str(phantom_manifest), "--task", "report",
                "--protocol", "voteMI"])
-    assert rc == 1 and "needs --task classify" in capsys.readouterr().err
+    assert rc == 2 and "needs --task classify" in capsys.readouterr().err
     rc = main(["eval", "--checkpoint", str(tmp_path / "none"), "--data", str(phantom_manifest), "--task", "report"])
-    assert rc == 1 and "checkpoint folder not found" in capsys.readouterr().err
+    assert rc == 2 and "checkpoint folder not found" in capsys.readouterr().err
     rc = main(["eval", "--checkpoint", str(ckpt), "--data", str(tmp_path / "x.jsonl"), "--task", "report"])
-    assert rc == 1 and "does not exist" in capsys.readouterr().err
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
 
 
 def test_format_table_aligns() -> None:

@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+
+from medvlm3d.data.errors import DataError
 import torch
 
 import medvlm3d
@@ -112,7 +114,7 @@ def test_crafted_pickle_is_refused_and_never_runs(trained: MedVLM, tmp_path: Pat
 
 
 def test_missing_or_foreign_folder_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="not a medvlm3d checkpoint"):
+    with pytest.raises(DataError, match="not a medvlm3d checkpoint"):
         medvlm3d.load_pretrained(tmp_path / "nope")
     with pytest.raises(ValueError, match="save_base_llm"):
         ckpt.save_pretrained(object(), tmp_path / "x", save_base_llm="sometimes")

@@ -112,18 +112,18 @@ def test_missing_paths_fail_fast_without_network(tmp_path: Path, no_network: lis
     start = time.perf_counter()
     with pytest.raises(ValueError, match="no local folder"):
         load_tokenizer(LLMConfig())
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ValueError, match="does not exist"):
         load_tokenizer(LLMConfig(tokenizer=str(tmp_path / "nope")))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ValueError, match="does not exist"):
         load_tokenizer(LLMConfig(path="org/some-hub-model"))  # looks like a hub id: never fetched
-    with pytest.raises(FileNotFoundError, match="is empty"):
+    with pytest.raises(ValueError, match="is empty"):
         load_tokenizer(LLMConfig(tokenizer=str(tmp_path)))
     (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(ValueError, match="could not load a tokenizer"):
         load_tokenizer(LLMConfig(tokenizer=str(tmp_path)))
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(ValueError, match="no config.json"):
         build_llm(LLMConfig(path=str(tmp_path)), tokenizer=None)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ValueError, match="does not exist"):
         TextEncoder(str(tmp_path / "bert"))
     assert no_network == []
     assert time.perf_counter() - start < 2.0

@@ -9,7 +9,9 @@ import pytest
 
 from medvlm3d.cli import main
 from medvlm3d.config import load_config
-from medvlm3d.eval.estimate import ALL, GiB, LayerShape, estimate_memory, layer_bytes
+from medvlm3d.data.errors import ConfigError
+from medvlm3d.train.estimate import GiB, estimate_memory
+from medvlm3d.train.memory import ALL, LayerShape, layer_bytes
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +105,7 @@ def test_llm_from_a_config_json_folder(tmp_path, tiny) -> None:
         expected = sum(p.numel() for p in AutoModelForCausalLM.from_config(hf).parameters())
     assert r["params"]["llm"]["total"] == expected == r["params"]["llm"]["trainable"]
     assert "config.json" in r["llm_source"]
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ConfigError, match="does not exist"):
         estimate_memory(load_config("tiny", [f"model.llm.path={tmp_path / 'missing'}"]))
 
 
