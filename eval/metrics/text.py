@@ -1,6 +1,7 @@
 """Text metrics over standard packages (eval/metrics/__init__.py documents each implementation).
 
     meteor_scores(preds, refs) -> (corpus METEOR, [per-sample METEOR])   pycocoevalcap's jar
+        (the M3D metrics use nltk's METEOR instead: eval/metrics/meteor.py)
     bertscore(preds, refs, model_dir, layer=None, ...) -> {"precision", "recall", "f1"}: [N] lists
     m3d_text_metrics(preds, refs, *, meteor=True, bertscore_model=None, ...)
         -> {"bleu1", "rouge1", "meteor", ["bertscore_f1"], "n"}    (per-sample means)
@@ -139,8 +140,10 @@ def _m3d_sample_scores(preds: list[str], refs: list[str], meteor: bool, bertscor
     rouge = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False)
     scores = {"bleu1": [bleu.sentence_score(p, [r]).score / 100.0 for p, r in zip(preds, refs)],
               "rouge1": [rouge.score(r, p)["rouge1"].fmeasure for p, r in zip(preds, refs)]}
-    if meteor:
-        scores["meteor"] = meteor_scores(preds, refs)[1]
+    if meteor:  # M3D scores with HF evaluate's meteor = nltk's (eval/metrics/meteor.py)
+        from .meteor import meteor_nltk
+
+        scores["meteor"] = meteor_nltk(preds, refs)
     if bertscore_model is None:
         logger.warning(BERTSCORE_SKIPPED)
     else:
