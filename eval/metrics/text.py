@@ -2,7 +2,6 @@
 
     meteor_scores(preds, refs) -> (corpus METEOR, [per-sample METEOR])   pycocoevalcap's jar
         (the M3D metrics use nltk's METEOR instead: eval/metrics/meteor.py)
-    bertscore(preds, refs, model_dir, layer=None, ...) -> {"precision", "recall", "f1"}: [N] lists
     m3d_text_metrics(preds, refs, *, meteor=True, bertscore_model=None, ...)
         -> {"bleu1", "rouge1", "meteor", ["bertscore_f1"], "n"}    (per-sample means)
     coco_caption_metrics(preds, refs, *, tokenizer="ptb", meteor=True)
@@ -78,56 +77,6 @@ def meteor_scores(predictions: Sequence[str], references: Sequence[str | Sequenc
 
 
 # --------------------------------------------------------------------------------------------
-# BERTScore (local model folder only)
-
-
-def bertscore(predictions: Sequence[str], references: Sequence[str], model_dir: str | Path, layer: int | None = None,
-              batch_size: int = 16, device: str = "cpu") -> dict[str, list[float]]:
-    """Per-sample BERTScore precision/recall/F1 with the model in `model_dir` (see module docstring).
-
-    `layer` picks the hidden state (0 = embeddings, default the last layer).
-    """
-    preds, refs = _pairs(predictions, references)
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise FileNotFoundError(f"BERTScore model folder {str(path)!r} does not exist (a local HF model folder is needed)")
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
-    max_len = min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
-
-    def embed(texts: list[str]) -> list[torch.Tensor]:
-        out: list[torch.Tensor] = []
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_len,
-                            return_special_tokens_mask=True, return_tensors="pt")
-            special = enc.pop("special_tokens_mask").bool()
-            with torch.no_grad():
-                hidden = model(**enc.to(device), output_hidden_states=True).hidden_states
-            if layer is not None and not -len(hidden) <= layer < len(hidden):
-                raise ValueError(f"layer must index one of the model's {len(hidden)} hidden states, got {layer}")
-            states = torch.nn.functional.normalize(hidden[-1 if layer is None else layer].float(), dim=-1)
-            keep = enc["attention_mask"].bool().cpu() & ~special
-            out += [s[k] for s, k in zip(states.cpu(), keep)]
-        return out
-
-    scores: dict[str, list[float]] = {"precision": [], "recall": [], "f1": []}
-    for c, r in zip(embed(preds), embed(refs)):
-        if len(c) == 0 or len(r) == 0:
-            p = rc = f = 0.0
-        else:
-            sim = c @ r.T
-            p, rc = float(sim.max(dim=1).values.mean()), float(sim.max(dim=0).values.mean())
-            f = 2 * p * rc / (p + rc) if p + rc > 0 else 0.0
-        scores["precision"].append(p)
-        scores["recall"].append(rc)
-        scores["f1"].append(f)
-    return scores
-
-
-# --------------------------------------------------------------------------------------------
 # M3D protocol
 
 
@@ -146,7 +95,9 @@ def _m3d_sample_scores(preds: list[str], refs: list[str], meteor: bool, bertscor
         scores["meteor"] = meteor_nltk(preds, refs)
     if bertscore_model is None:
         logger.warning(BERTSCORE_SKIPPED)
-    else:
+    else:  # bert-score with the folder's layer (eval/metrics/bertscore_metric.py)
+        from .bertscore_metric import bertscore
+
         scores["bertscore_f1"] = bertscore(preds, refs, bertscore_model, bertscore_layer, device=device)["f1"]
     return scores
 
@@ -223,9 +174,10 @@ def coco_caption_metrics(predictions: Sequence[str], references: Sequence[str | 
 
 @METRICS.register("m3d")
 def m3d(preds: list[str], refs: list[str], records: list[dict[str, Any]], *, meteor: bool = True,
-        bertscore_model: str | None = None, **options: Any) -> dict[str, Any]:
+        bertscore_model: str | None = None, bertscore_layers: int | None = None, **options: Any) -> dict[str, Any]:
     """M3D report metrics (BLEU-1, ROUGE-1, METEOR, [BERTScore-F1]) under "m3d"."""
-    return {"m3d": m3d_text_metrics(preds, refs, meteor=meteor, bertscore_model=bertscore_model)}
+    return {"m3d": m3d_text_metrics(preds, refs, meteor=meteor, bertscore_model=bertscore_model,
+                                    bertscore_layer=bertscore_layers)}
 
 
 @METRICS.register("coco")
