@@ -60,8 +60,8 @@ from .base import METRICS, Metric, run_metrics
 from .classify import (NO_LABEL, classification_metrics, clinical_efficacy, findings_prf, parse_choice,
                        report_extractor)
 from .bertscore_metric import BERTSCORE_SKIP, bertscore, bertscore_layer
-from .text import (BERTSCORE_SKIPPED, _meteor_scorer, _tokenize, close_meteor, coco_caption_metrics,
-                   m3d_text_metrics, meteor_scores, simple_tokenize)
+from .text import (BERTSCORE_SKIPPED, _meteor_scorer, _tokenize, bleu1_scores, close_meteor, coco_caption_metrics,
+                   m3d_text_metrics, meteor_scores, rouge_scores, simple_tokenize)
 from .meteor import meteor_nltk
 from .vqa import closed_vqa_accuracy, open_vqa_metrics
 from ..findings import ct_rate_findings, phantom_findings
@@ -70,8 +70,8 @@ for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
-    "BERTSCORE_SKIP", "BERTSCORE_SKIPPED", "METRICS", "Metric", "NO_LABEL", "bertscore", "bertscore_layer", "classification_metrics", "clinical_efficacy",
+    "BERTSCORE_SKIP", "BERTSCORE_SKIPPED", "METRICS", "Metric", "NO_LABEL", "bertscore", "bertscore_layer", "bleu1_scores", "classification_metrics", "clinical_efficacy",
     "close_meteor", "closed_vqa_accuracy", "coco_caption_metrics", "ct_rate_findings", "findings_prf",
-    "m3d_text_metrics", "meteor_nltk", "meteor_scores", "open_vqa_metrics", "parse_choice", "phantom_findings", "report_extractor",
+    "m3d_text_metrics", "meteor_nltk", "meteor_scores", "open_vqa_metrics", "parse_choice", "phantom_findings", "report_extractor", "rouge_scores",
     "run_metrics", "simple_tokenize",
 ]  # fmt: skip

@@ -6,7 +6,9 @@
         -> {"bleu1", "rouge1", "meteor", ["bertscore_f1"], "n"}    (per-sample means)
     coco_caption_metrics(preds, refs, *, tokenizer="ptb", meteor=True)
         -> {"bleu1".."bleu4", "meteor", "rouge_l", "cider", "n"}    (corpus level)
-Registered: "m3d" -> {"m3d": m3d_text_metrics(...)}, "coco" -> {"coco": coco_caption_metrics(...)}.
+    bleu1_scores(preds, refs), rouge_scores(preds, refs, "rouge1" | "rougeL") -> [N] per-sample
+Registered: "m3d" -> {"m3d": m3d_text_metrics(...)}, "coco" -> {"coco": coco_caption_metrics(...)},
+    "bleu1" / "rouge1" / "rouge_l" -> {name: per-sample mean}.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import shutil
 import threading
 from pathlib import Path
 from typing import Any, Sequence
+
+import numpy as np
 
 from medvlm3d.data.errors import DataError
 
@@ -80,15 +84,25 @@ def meteor_scores(predictions: Sequence[str], references: Sequence[str | Sequenc
 # M3D protocol
 
 
-def _m3d_sample_scores(preds: list[str], refs: list[str], meteor: bool, bertscore_model: str | Path | None,
-                       bertscore_layer: int | None, device: str) -> dict[str, list[float]]:
-    from rouge_score import rouge_scorer
+def bleu1_scores(preds: list[str], refs: list[str]) -> list[float]:
+    """Per-sample BLEU-1 as evaluate's `bleu` with max_order=1 (module docstring of the package)."""
     from sacrebleu.metrics import BLEU
 
     bleu = BLEU(max_ngram_order=1, smooth_method="none", tokenize="13a", effective_order=True)
-    rouge = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False)
-    scores = {"bleu1": [bleu.sentence_score(p, [r]).score / 100.0 for p, r in zip(preds, refs)],
-              "rouge1": [rouge.score(r, p)["rouge1"].fmeasure for p, r in zip(preds, refs)]}
+    return [bleu.sentence_score(p, [r]).score / 100.0 for p, r in zip(preds, refs)]
+
+
+def rouge_scores(preds: list[str], refs: list[str], kind: str = "rouge1") -> list[float]:
+    """Per-sample ROUGE F-measure ("rouge1", "rougeL") as evaluate's `rouge` (no stemmer)."""
+    from rouge_score import rouge_scorer
+
+    rouge = rouge_scorer.RougeScorer([kind], use_stemmer=False)
+    return [rouge.score(r, p)[kind].fmeasure for p, r in zip(preds, refs)]
+
+
+def _m3d_sample_scores(preds: list[str], refs: list[str], meteor: bool, bertscore_model: str | Path | None,
+                       bertscore_layer: int | None, device: str) -> dict[str, list[float]]:
+    scores = {"bleu1": bleu1_scores(preds, refs), "rouge1": rouge_scores(preds, refs, "rouge1")}
     if meteor:  # M3D scores with HF evaluate's meteor = nltk's (eval/metrics/meteor.py)
         from .meteor import meteor_nltk
 
@@ -185,3 +199,21 @@ def coco(preds: list[str], refs: list[str], records: list[dict[str, Any]], *, me
          coco_tokenizer: str = "ptb", **options: Any) -> dict[str, Any]:
     """COCO-caption corpus metrics under "coco"."""
     return {"coco": coco_caption_metrics(preds, refs, tokenizer=coco_tokenizer, meteor=meteor)}
+
+
+@METRICS.register("bleu1")
+def bleu1(preds: list[str], refs: list[str], records: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
+    """BLEU-1 (evaluate's `bleu`, max_order=1) averaged over samples."""
+    return {"bleu1": float(np.mean(bleu1_scores(*_pairs(preds, refs))))}
+
+
+@METRICS.register("rouge1")
+def rouge1(preds: list[str], refs: list[str], records: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
+    """ROUGE-1 F (evaluate's `rouge`) averaged over samples."""
+    return {"rouge1": float(np.mean(rouge_scores(*_pairs(preds, refs), "rouge1")))}
+
+
+@METRICS.register("rouge_l")
+def rouge_l(preds: list[str], refs: list[str], records: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
+    """ROUGE-L F (evaluate's `rouge` "rougeL") averaged over samples."""
+    return {"rouge_l": float(np.mean(rouge_scores(*_pairs(preds, refs), "rougeL")))}
