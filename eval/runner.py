@@ -67,7 +67,9 @@ class EvalConfig:
     batch_size: int = 8
     do_sample: bool = False
     temperature: float = 1.0
-    bertscore_model: str = ""
+    bertscore_model: str = ""  # a local model folder (roberta-large for evaluate's lang="en"); "" = skipped
+    bertscore_layers: int = 0  # hidden layer; 0 = bert_score's table for the model (roberta-large: 17)
+    bertscore_rescale: bool = False  # bert-score's baseline rescaling (off, as evaluate's default)
     # {task: [metric names]} replacing TASK_METRICS for that task; names are registered in
     # eval/metrics/ (checked when scoring: plugins may add one)
     metrics: dict[str, list[str]] = field(default_factory=dict)
@@ -228,11 +230,11 @@ def task_metric_names(task: str, overrides: dict[str, Any] | None = None) -> tup
 
 def score_task(task: str, preds: list[str], refs: list[str], recs: list[dict[str, Any]], *, meteor: bool = True,
                coco_tokenizer: str = "ptb", bertscore_model: str | None = None,
-               metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+               metrics: dict[str, Any] | None = None, **options: Any) -> dict[str, Any]:
     """The registered metrics of `task` (`task_metric_names(task, metrics)`) for predictions vs
     references of records `recs`, merged into one dict."""
     return run_metrics(task_metric_names(task, metrics), preds, refs, list(recs), meteor=meteor,
-                       coco_tokenizer=coco_tokenizer, bertscore_model=bertscore_model)
+                       coco_tokenizer=coco_tokenizer, bertscore_model=bertscore_model, **options)
 
 
 def headline(result: dict[str, Any]) -> tuple[str, float]:
@@ -301,7 +303,9 @@ def evaluate(
         rows.append(row)
     metrics = score_task(task, [r["prediction"] for r in rows], [r["reference"] for r in rows], items, meteor=meteor,
                          coco_tokenizer=coco_tokenizer, bertscore_model=model.cfg.eval.bertscore_model or None,
-                         metrics=getattr(model.cfg.eval, "metrics", None))
+                         metrics=getattr(model.cfg.eval, "metrics", None),
+                         bertscore_layers=model.cfg.eval.bertscore_layers or None,
+                         bertscore_rescale=model.cfg.eval.bertscore_rescale)
     mass_summary = None
     if masses:
         mass_summary = {k: sum(m[k] for m in masses) / len(masses) for k in ("mass", "uniform", "top1_hit")}

