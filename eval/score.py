@@ -22,7 +22,9 @@ from typing import Any, Sequence
 from medvlm3d.data.errors import ConfigError, DataError
 
 from .protocols import PROTOCOLS
-from .runner import _flatten, _write_atomic, format_table
+from medvlm3d.io import atomic_write_text
+
+from .runner import _flatten, format_table
 
 VQA_MODE = {"m3d_vqa_open": "open"}  # M3D-VQA references: open questions for this one, else closed
 SHOW = 5
@@ -93,8 +95,8 @@ def score_files(protocol: str, pred: str | os.PathLike[str], ref: str | os.PathL
     if out is not None:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
-        _write_atomic(folder / "metrics.json", json.dumps(summary, indent=2) + "\n")
-        _write_atomic(folder / "per_sample.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_text(folder / "metrics.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(folder / "per_sample.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return summary
 
 

@@ -43,6 +43,7 @@ VERBS: dict[str, str] = {
     "synth": "make a phantom dataset (NIfTI volumes + JSONL manifest)",
     "validate": "check a dataset: read each record, load each volume once; exit 2 if bad",
     "train": "train one stage (also: accelerate launch -m medvlm3d.train ...)",
+    "score": "score any model's predictions (preds.jsonl) against references under a named protocol",
     "eval": "evaluate a checkpoint: report | vqa_closed | vqa_open | classify (--protocol voteMI)",
     "infer": "answer a prompt about one scan; slice scores, Vote-MI picks, --plot/--json",
     "select": "Vote-MI slice selection alone: PNG slices + selection.json for any 2D VLM",

@@ -1,13 +1,12 @@
-"""`medvlm3d score` (eval/score.py + medvlm3d/cli_score.py) on files written by hand."""
+"""`medvlm3d score` (eval/score.py + medvlm3d/cli/score.py) on files written by hand."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
-from medvlm3d import cli_score
+from medvlm3d.cli import main
 from medvlm3d.data.errors import ConfigError, DataError
 from medvlm3d.eval.score import score_files
 
@@ -78,11 +77,17 @@ def test_missing_ids_error_unless_allowed(files, tmp_path):
 
 def test_cli_verb_prints_the_table(files, tmp_path, capsys):
     preds, refs = files
-    parser = argparse.ArgumentParser()
-    cli_score.add_arguments(parser)
-    args = parser.parse_args(["--protocol", "m3d_vqa_closed", "--pred", str(preds), "--ref", str(refs),
-                              "--out", str(tmp_path / "o")])
-    assert cli_score.run(args) == 0
+    assert main(["score", "--protocol", "m3d_vqa_closed", "--pred", str(preds), "--ref", str(refs),
+                 "--out", str(tmp_path / "o")]) == 0
     text = capsys.readouterr().out
     assert "m3d_vqa_closed: 4 samples" in text and "closed_vqa_accuracy" in text and "0.5000" in text
     assert (tmp_path / "o" / "per_sample.jsonl").is_file()
+
+
+def test_cli_verb_missing_ids_exit_2(files, tmp_path, capsys):
+    preds, refs = files
+    few = tmp_path / "few.jsonl"
+    few.write_text(preds.read_text().splitlines()[0] + "\n")
+    assert main(["score", "--protocol", "m3d_vqa_closed", "--pred", str(few), "--ref", str(refs)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")

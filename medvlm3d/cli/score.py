@@ -2,8 +2,7 @@
 
     medvlm3d score --protocol m3d_cap --pred preds.jsonl --ref refs.jsonl [--out dir] [--allow-missing]
 
-Standalone verb module (add_arguments + run, the only place that prints); the CLI package's
-dispatch table (medvlm3d/cli/) takes it as medvlm3d/cli/score.py.
+Thin over `medvlm3d.eval.score.score_files`; the only place that prints.
 """
 
 from __future__ import annotations
