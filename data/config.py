@@ -300,9 +300,9 @@ class TrainConfig:
     group_by_length: bool = False
 
     def __post_init__(self) -> None:
-        _check_choice(
-            "train.stage", self.stage, ("stage0_text", "stage0_clip", "stage1_align", "stage2_finetune")
-        )
+        from medvlm3d.train.stages import STAGES  # the registered stages (train/stages/, plugins)
+
+        _check_choice("train.stage", self.stage, tuple(STAGES.names()))
         _check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _check_choice("train.distill_schedule", self.distill_schedule, ("constant", "linear_decay"))
         _check_choice("train.contrastive_pool", self.contrastive_pool, ("mean", "max"))
