@@ -299,3 +299,10 @@ def test_vlm_stage_gradient_on_tgis_logits_is_the_analytic_one(lam: float, w: fl
         want = lam * (s - model.teacher) / 2 + w * (s - t * s / m) / 2
     assert torch.allclose(model.z.grad, want, atol=1e-6), (model.z.grad, want)
     assert model.z.grad.abs().sum() > 1e-3
+
+
+def test_contrastive_labels_follow_the_inputs_device() -> None:
+    # the meta device stands in for a GPU: labels made on the CPU would fail there
+    a = torch.ones(2, 3, device="meta")
+    out = contrastive_loss(a, a, torch.tensor(0.0, device="meta"))
+    assert out.device.type == "meta" and out.dim() == 0
