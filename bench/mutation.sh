@@ -9,8 +9,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
+if [ "${MUTMUT_REPORT_ONLY:-0}" != 1 ]; then
 rm -rf mutants  # mutants are made from the current sources
 "$PY" bench/mutmut_run.py run --max-children "${MUTMUT_CHILDREN:-2}" "$@" >/dev/null 2>&1 || true
+fi
 "$PY" bench/mutmut_run.py results --all true | "$PY" -c '
 import collections, re, sys
 by = collections.defaultdict(collections.Counter)
@@ -20,10 +22,12 @@ for line in sys.stdin:
         by[m.group(1)][m.group(2).strip()] += 1
 if not by:
     sys.exit("no mutant results (see mutants/ and run bench/mutmut_run.py run by hand)")
-print(f"{\"module\":24s} {\"mutants\":>7s} {\"killed\":>6s} {\"survived\":>8s} {\"other\":>5s}  kill rate")
+print("%-24s %7s %6s %8s %5s  kill rate" % ("module", "mutants", "killed", "survived", "other"))
 for mod, c in sorted(by.items()):
     n = sum(c.values())
     if c["not checked"] == n:
-        continue; k = c["killed"] + c["timeout"]; s = c["survived"]
-    print(f"{mod:24s} {n:7d} {k:6d} {s:8d} {n - k - s:5d}  {k / n:.1%}")
+        continue
+    k = c["killed"] + c["timeout"]
+    s = c["survived"]
+    print("%-24s %7d %6d %8d %5d  %.1f%%" % (mod, n, k, s, n - k - s, 100 * k / n))
 '
