@@ -62,6 +62,7 @@ setup(
             "rouge-score>=0.1.2",
             "sacrebleu>=2.4",
             "scikit-learn>=1.3",
+            "mutmut>=3.3",  # bench/mutation.sh
         ],
     },
     entry_points={"console_scripts": ["medvlm3d=medvlm3d.cli:main"]},

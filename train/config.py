@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from medvlm3d.config_fields import check_choice
 from medvlm3d.data.errors import ConfigError
 
-STAGES = ("stage0_text", "stage0_clip", "stage1_align", "stage2_finetune")
 
 
 @dataclass
@@ -46,7 +45,9 @@ class TrainConfig:
     group_by_length: bool = False
 
     def __post_init__(self) -> None:
-        check_choice("train.stage", self.stage, STAGES)
+        from medvlm3d.train.stages import STAGES  # the registered stages (train/stages/, plugins); not at import: cycle
+
+        check_choice("train.stage", self.stage, tuple(STAGES.names()))
         check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         check_choice("train.distill_schedule", self.distill_schedule, ("constant", "linear_decay"))
         check_choice("train.contrastive_pool", self.contrastive_pool, ("mean", "max"))

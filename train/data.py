@@ -6,7 +6,8 @@
     TextCollator(pad_token_id, pack=True)(samples) -> {input_ids, labels, position_ids} [R,L], R <= B rows
     EpochSampler(n, seed[, lengths, group]): a permutation of range(n) that depends only on (seed, epoch),
         optionally grouped by length into global batches of `group`
-    build_train_data(cfg, tokenizer, num_visual_tokens) -> (dataset, collate_fn)
+    build_train_data(cfg, tokenizer, num_visual_tokens) -> (dataset, collate_fn)   the stage's own (train/stages/)
+    study_data(cfg, records, tokenizer, num_visual_tokens) -> (StudyDataset, Collator)
     make_loader(dataset, collate_fn, cfg, processes=1) -> (DataLoader, EpochSampler)
 
 Stages: `stage0_text` reads each record as plain LM text (the question and its target rendered by
@@ -233,24 +234,23 @@ class TextCollator:
 
 
 def build_train_data(cfg: RunConfig, tokenizer: Any, num_visual_tokens: int) -> tuple[Dataset, Callable]:
-    """The stage's dataset and collate function (see the module docstring)."""
+    """The dataset and collate function of the stage `train.stage` (train/stages/)."""
+    from medvlm3d.train.stages import get_stage
+
+    return get_stage(cfg.train.stage).dataset(cfg, tokenizer, num_visual_tokens)
+
+
+def study_data(cfg: RunConfig, records: list[dict], tokenizer: Any, num_visual_tokens: int,
+               teacher: bool = False) -> tuple[Dataset, Callable]:
+    """`StudyDataset` samples of `records` and the image-batch `Collator` (the image stages'
+    data); `teacher`: the selector's teacher distribution goes into each sample (only when a loss
+    reads it). With data.skip_bad_records, records that fail to load are dropped first."""
     from medvlm3d.data.collate import Collator
     from medvlm3d.data.dataset import StudyDataset
 
-    records = read_train_records(cfg)
-    stage = cfg.train.stage
-    if stage == "stage0_text":
-        return (TextDataset(records, tokenizer, cfg.data.max_text_len, cfg.data.task, cfg.data.vqa_mode,
-                            shuffle=cfg.data.shuffle_choices, context=cfg.data.text_context),
-                TextCollator(tokenizer.pad_token_id, pack=cfg.data.text_packing))
-    if stage == "stage0_clip":
-        records = [r for r in records if r.get("task") == "report"]
-        if not records:
-            raise DataError(f"data.train {cfg.data.train!r} holds no report records, which stage0_clip trains on")
     from medvlm3d.data.select.step import SelectionPlan
 
-    # the teacher only when a loss reads it; the 2d_only picks and pre-selection always
-    plan = SelectionPlan.from_config(cfg.model, teacher=stage != "stage0_clip" and cfg.train.distill_weight > 0)
+    plan = SelectionPlan.from_config(cfg.model, teacher=teacher)  # 2d_only picks and pre-selection always
     ds = StudyDataset(records, cfg.data, tokenizer, num_visual_tokens, train=True, selection=plan)
     if cfg.data.skip_bad_records:
         dropped = ds.drop_bad_records()

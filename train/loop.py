@@ -1,12 +1,9 @@
 """The training loop shared by every stage: objectives, steps, logging, checkpoints, faults.
 
-Objectives per stage (`train.stage`), over one micro-batch of a process:
-
-    stage0_text      TextLM(vlm)(input_ids [B,L], attention_mask [B,L]) -> logits [B,L,V]; loss = LM
-                     (packed rows: input_ids, position_ids [R,L], no attention_mask)
-    stage0_clip      ContrastiveModel(vlm, cfg)(**batch) -> {"loss": scalar, other scalars}; loss = "loss"
-    stage1_align,    MedVLM(**batch) -> logits [B,L,V], scores/teacher/slice_mask [N,S];
-    stage2_finetune  loss = LM + λ(step)·KL(teacher ‖ scores) + slice_loss_weight·slice_loss
+Objectives: the registered stage `train.stage` (train/stages/, one file each) gives, per
+micro-batch of a process, `(loss, terms)` with `loss` the sum of its weighted terms (e.g.
+lm + distill + slice for stage1_align/stage2_finetune); the loop backpropagates `loss` and logs
+each term and `loss` divided by `scale` (below), so the logged sum is the backpropagated one.
 
 The LM term is normalised by the number of supervised tokens of the whole optimizer step (all
 micro-batches of all processes, counted with one all-reduce), through the LLM's own
@@ -44,7 +41,8 @@ from medvlm3d.config import RunConfig
 from medvlm3d.data.prompts import IGNORE_INDEX
 from medvlm3d.train.checkpointing import write_checkpoint
 from medvlm3d.train.data import epoch_seed
-from medvlm3d.train.losses import distillation_loss, distill_weight, slice_loss
+from medvlm3d.train.losses import distill_weight
+from medvlm3d.train.stages import LossContext, get_stage
 
 log = logging.getLogger(__name__)
 
@@ -57,32 +55,9 @@ class TrainingDiverged(RuntimeError):
 # stage modules and objectives
 
 
-class TextLM(nn.Module):
-    """stage0_text: the VLM's causal LM on plain text. forward(input_ids [B,L], attention_mask
-    [B,L] | None, position_ids [B,L] | None) -> logits [B,L,V]. `.vlm` is what gets exported."""
-
-    def __init__(self, vlm: nn.Module) -> None:
-        super().__init__()
-        self.vlm = vlm
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
-        """Padded rows (attention_mask) or packed ones (position_ids restarting at each sample)."""
-        return self.vlm.llm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False).logits
-
-
 def stage_module(vlm: nn.Module, cfg: RunConfig) -> nn.Module:
-    """The module a stage trains: TextLM(vlm), ContrastiveModel(vlm, cfg) or the MedVLM itself."""
-    if cfg.train.stage == "stage0_text":
-        return TextLM(vlm)
-    if cfg.train.stage == "stage0_clip":
-        try:
-            from medvlm3d.train.clip import ContrastiveModel
-        except ImportError as e:
-            raise ValueError(f"train.stage=stage0_clip needs medvlm3d.train.clip.ContrastiveModel: {e}") from e
-        return ContrastiveModel(vlm, cfg)
-    return vlm
+    """The module the stage `cfg.train.stage` trains (train/stages/)."""
+    return get_stage(cfg.train.stage).module(vlm, cfg)
 
 
 def exported(module: nn.Module) -> nn.Module:
@@ -117,38 +92,11 @@ def micro_batch_loss(
     processes × accumulation steps, undoing the averaging that DDP/DeepSpeed and
     `accelerator.backward` apply, so that the LM gradient is that of the global token mean.
     """
-    t = cfg.train
-    stage = t.stage
-    if stage == "stage0_clip":
-        out = model(**batch)
-        if not isinstance(out, dict) or "loss" not in out:
-            raise ValueError("the stage0_clip model must return a dict holding 'loss'")
-        terms = {k: v.detach().float() / scale for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
-        return out["loss"], terms
-    labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if stage == "stage0_text":  # padded (attention_mask) or packed (position_ids) text
-        logits, out = model(**inputs), None
-    else:
-        out = model(**inputs)
-        logits = out.logits
-    lm = lm_loss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=n_tokens.clamp(min=1))
-    loss, share = lm * scale, lm.detach()
-    terms = {"lm": lm.detach()}
-    if out is not None and out.scores is not None:
-        lam = distill_weight(step, t.max_steps, t.distill_weight, t.distill_schedule)
-        if t.distill_weight > 0 and out.teacher is not None:
-            kd = distillation_loss(out.teacher, out.scores, out.slice_mask)
-            loss = loss + lam * kd
-            terms["distill"] = kd.detach() / scale
-            share = share + lam * terms["distill"]
-        if t.slice_loss_weight > 0:
-            sl = slice_loss(out.scores, batch["slice_target"], batch["has_slice_target"])
-            loss = loss + t.slice_loss_weight * sl
-            terms["slice"] = sl.detach() / scale
-            share = share + t.slice_loss_weight * terms["slice"]
-    terms["loss"] = share
-    return loss, terms
+    stage = get_stage(cfg.train.stage)
+    loss, terms = stage.loss(model, batch, LossContext(cfg, step, lm_loss, n_tokens, scale))
+    logged = {k: v.detach().float() / scale for k, v in terms.items()}
+    logged["loss"] = loss.detach().float() / scale
+    return loss, logged
 
 
 # ------------------------------------------------------------------------------------------------

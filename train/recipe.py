@@ -52,6 +52,7 @@ from torch import nn
 from medvlm3d.config import RunConfig, load_config, save_config, to_dict
 from medvlm3d.train.checkpointing import MARKER, complete_checkpoints, latest_complete, read_progress
 from medvlm3d.train.loop import Loop, Progress, TrainingDiverged, checkpoint_writer, exported, lm_loss_function, stage_module
+from medvlm3d.train.stages import get_stage
 
 log = logging.getLogger(__name__)
 
@@ -293,17 +294,18 @@ def run_training(cfg: RunConfig) -> Path:
     try:
         if not accelerator.is_main_process:
             logging.getLogger("medvlm3d").setLevel(logging.WARNING)
+        stage = get_stage(t.stage)
         ckpt = resume_checkpoint(cfg, run_dir)
         set_seed(t.seed)
         with whole_model_init(accelerator):
             module, vlm = build_stage_model(cfg)
-        if t.feature_cache_mb > 0 and t.stage in ("stage1_align", "stage2_finetune"):  # stage 0 calls encoders itself
+        if t.feature_cache_mb > 0 and stage.runs_vlm:  # stage 0 calls encoders itself
             if _is_zero3(accelerator):
                 log.warning("train.feature_cache_mb is ignored under ZeRO-3: every rank must run each partitioned encoder")
             else:
                 cached = vlm.enable_feature_cache(t.feature_cache_mb << 20)
                 log.info("feature cache (%d MB): %s", t.feature_cache_mb, ", ".join(cached) or "no frozen encoder")
-        if t.stage in ("stage1_align", "stage2_finetune") and (t.distill_weight > 0 or t.slice_loss_weight > 0) \
+        if stage.runs_vlm and (t.distill_weight > 0 or t.slice_loss_weight > 0) \
                 and getattr(vlm, "tgis", None) is None:
             log.warning("model.variant=%s has no TG-IS head: train.distill_weight and train.slice_loss_weight "
                         "have no effect", cfg.model.variant)

@@ -156,7 +156,8 @@ def test_text_context_puts_the_study_report_before_each_question(phantom) -> Non
 def test_packed_text_batch_gives_the_padded_logits_and_loss(phantom) -> None:
     from medvlm3d.model.llm import load_tokenizer
     from medvlm3d.model.medvlm import build_model
-    from medvlm3d.train.loop import TextLM, lm_loss_function, supervised_tokens
+    from medvlm3d.train.loop import lm_loss_function, supervised_tokens
+    from medvlm3d.train.stages.text import TextLM
 
     cfg = tiny(phantom, Path("unused"), "stage0_text")
     tok = load_tokenizer(cfg.model.llm)
@@ -257,13 +258,15 @@ def test_training_lowers_the_loss_on_a_fixed_batch_set(phantom, tmp_path) -> Non
     assert len(losses) == 30 and all(v is not None for v in losses)
     rows = metrics(tmp_path / "run")
     assert [r["loss"] for r in rows] == losses and [r["step"] for r in rows] == list(range(1, 31))
-    assert {"loss", "lm", "distill", "lambda", "slice", "lr", "samples_per_s", "grad_norm", "data_wait_frac"} <= set(rows[0])
+    assert {"loss", "lm", "distill", "kl", "lambda", "slice", "slice_nll", "lr", "samples_per_s", "grad_norm", "data_wait_frac"} <= set(rows[0])
     assert all(0.0 <= r["data_wait_frac"] < 1.0 for r in rows)
     for key in ("loss", "lm"):
         start, end = (sum(r[key] for r in part) / 3 for part in (rows[:3], rows[-3:]))
         assert end < 0.85 * start, (key, start, end)  # measured: loss 7.6 -> 5.2, lm 5.9 -> 4.2
     r = rows[-1]
-    assert r["loss"] == pytest.approx(r["lm"] + r["lambda"] * r["distill"] + 0.5 * r["slice"], rel=1e-6)
+    assert r["loss"] == pytest.approx(r["lm"] + r["distill"] + r["slice"], rel=1e-6)  # logged = backpropagated
+    assert r["distill"] == pytest.approx(r["lambda"] * r["kl"], rel=1e-5)
+    assert r["slice"] == pytest.approx(0.5 * r["slice_nll"], rel=1e-5)
     assert (final / "llm" / "model.safetensors").is_file() and (final / "model.safetensors").is_file()
     assert list((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents*"))
 
