@@ -231,8 +231,10 @@ def test_one_training_step_at_tiny_size(name: str, stage: str, tmp_path: Path, p
     from medvlm3d.train.checkpointing import latest_complete, read_progress
     from medvlm3d.train.recipe import run_training
 
+    # med2e3 also runs the epoch path: global batch 4 = 2 x accumulation 2, 0.01 epoch -> 1 step
+    epochs = ["train.global_batch=4", "train.epochs=0.01"] if name == "med2e3" else []
     cfg = load_config(name, [*TINY, f"model.llm.tokenizer={tiny_tokenizer_dir}", f"model.tgis.text_encoder={tiny_bert}",
-                             f"data.train={phantom_manifest}", f"train.output_dir={tmp_path / 'run'}"],
+                             f"data.train={phantom_manifest}", f"train.output_dir={tmp_path / 'run'}", *epochs],
                       layers=[stage])
     assert cfg.model.llm.arch == "phi3" and cfg.train.stage == stage
     try:
@@ -241,4 +243,48 @@ def test_one_training_step_at_tiny_size(name: str, stage: str, tmp_path: Path, p
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
     losses = read_progress(latest_complete(tmp_path / "run"))["loss_history"]
+    if epochs:
+        saved = load_config(str(tmp_path / "run" / "config.yaml"))
+        assert (saved.train.grad_accum, saved.train.max_steps) == (2, 1)
     assert len(losses) == 1 and losses[0] is not None and math.isfinite(losses[0]) and losses[0] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# the fields the paper configs added (default off elsewhere)
+
+
+def test_score_dropout_drops_the_fused_scores_in_training_only():
+    from medvlm3d.model.tgis import TGIS, TGISConfig
+
+    torch.manual_seed(0)
+    head = TGIS(TGISConfig(score_dropout=0.5), dim=8, text_dim=8)
+    x3d, v, text = torch.randn(1, 4, 8), torch.randn(1, 4, 3, 8), torch.randn(1, 8)
+    args = (x3d, (4, 1, 1), v, text, torch.rand(1, 4), torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.bool))
+    head.eval()
+    clean = head(*args)
+    assert torch.allclose(clean.z2d, torch.einsum("bs,bstd->btd", clean.scores, v), atol=1e-6)
+    head.train()
+    dropped = head(*args)
+    assert torch.allclose(dropped.scores, clean.scores)  # the scores the losses read stay whole
+    assert not torch.allclose(dropped.z2d, clean.z2d)
+
+
+def test_normalize_none_feeds_the_slices_as_they_are():
+    from medvlm3d.model.slice_encoder import SliceEncoder, SliceEncoderConfig
+
+    kw = dict(model_name="vit_tiny_patch16_224", in_chans=3, num_tokens=4,
+              model_kwargs={"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2})
+    plain = SliceEncoder(SliceEncoderConfig(normalize="none", **kw), (32, 32))
+    assert torch.equal(plain.mean, torch.zeros(1, 3, 1, 1)) and torch.equal(plain.std, torch.ones(1, 3, 1, 1))
+    assert not torch.equal(SliceEncoder(SliceEncoderConfig(**kw), (32, 32)).mean, plain.mean)
+
+
+def test_text_pooling_pooler_is_the_encoders_pooler_output(tiny_bert: Path):
+    from medvlm3d.model.llm import TextEncoder
+
+    enc = TextEncoder(str(tiny_bert), out_pooling="pooler")
+    batch = enc.tokenizer(["a liver lesion"], return_tensors="pt")
+    with torch.no_grad():
+        want = enc.encoder(**batch).pooler_output
+    assert torch.allclose(enc(["a liver lesion"]), want)
+    assert not torch.allclose(TextEncoder(str(tiny_bert), out_pooling="cls")(["a liver lesion"]), want)
