@@ -322,8 +322,6 @@ def run_training(cfg: RunConfig) -> Path:
         dataset, collate = build_train_data(cfg, vlm.tokenizer, vlm.num_visual_tokens)
         if t.epochs > 0 or t.warmup_ratio > 0:  # epochs / warmup_ratio -> steps (train/config.py)
             _, t.max_steps, t.warmup_steps = schedule_steps(t, len(dataset), accelerator.num_processes)
-            log.info("train.epochs=%s over %d records: max_steps %d, warmup_steps %d", t.epochs, len(dataset),
-                     t.max_steps, t.warmup_steps)
         loader, sampler = make_loader(dataset, collate, cfg, accelerator.num_processes)
         optimizer = torch.optim.AdamW(param_groups(module, vlm, cfg), lr=t.lr)
         scheduler = get_cosine_schedule_with_warmup(optimizer, min(t.warmup_steps, t.max_steps), t.max_steps)
