@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from medvlm3d.train.config import TrainConfig, schedule_steps
 
 from medvlm3d.config import ConfigError, load_config, to_dict
-from medvlm3d.train.config import TrainConfig, schedule_steps
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "baselines.md"
 PAPER_CONFIGS = ("med2e3", "m3d_lamed", "ms_vlm", "med2e3_votemi_distill", "brainmd_votemi")
@@ -227,7 +227,6 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_one_training_step_at_tiny_size(name: str, stage: str, tmp_path: Path, phantom_manifest: Path,
                                         tiny_tokenizer_dir: Path, tiny_bert: Path):
     from accelerate.state import AcceleratorState, GradientState
-
     from medvlm3d.train.checkpointing import latest_complete, read_progress
     from medvlm3d.train.recipe import run_training
 
@@ -272,8 +271,8 @@ def test_score_dropout_drops_the_fused_scores_in_training_only():
 def test_normalize_none_feeds_the_slices_as_they_are():
     from medvlm3d.model.slice_encoder import SliceEncoder, SliceEncoderConfig
 
-    kw = dict(model_name="vit_tiny_patch16_224", in_chans=3, num_tokens=4,
-              model_kwargs={"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2})
+    kw: dict[str, Any] = {"model_name": "vit_tiny_patch16_224", "in_chans": 3, "num_tokens": 4,
+                          "model_kwargs": {"patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}}
     plain = SliceEncoder(SliceEncoderConfig(normalize="none", **kw), (32, 32))
     assert torch.equal(plain.mean, torch.zeros(1, 3, 1, 1)) and torch.equal(plain.std, torch.ones(1, 3, 1, 1))
     assert not torch.equal(SliceEncoder(SliceEncoderConfig(**kw), (32, 32)).mean, plain.mean)
