@@ -272,7 +272,7 @@ def _select_stage(raw: dict[str, Any], blocks: dict[str, Any], layers: Sequence[
     selected = None
     for layer in layers:
         path = _resolve(layer)
-        if path.parent == config_dir() and path.stem in STAGES:
+        if path.resolve().parent == config_dir().resolve() and path.stem in STAGES:
             selected = path.stem  # the generic overlay is replaced by the paper's block, not merged
             continue
         layer_raw = _read_yaml(path)

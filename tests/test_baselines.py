@@ -22,7 +22,7 @@ import torch
 import yaml
 from medvlm3d.train.config import TrainConfig, schedule_steps
 
-from medvlm3d.config import ConfigError, load_config, to_dict
+from medvlm3d.config import ConfigError, config_dir, load_config, to_dict
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "baselines.md"
 PAPER_CONFIGS = ("med2e3", "m3d_lamed", "ms_vlm", "med2e3_votemi_distill", "brainmd_votemi")
@@ -113,6 +113,8 @@ def test_a_shipped_stage_overlay_selects_the_papers_block_not_its_own_values():
     assert load_config("med2e3", layers=["stage1_align"]).train.lr == 1e-4  # stage1_align.yaml says 1e-3
     assert load_config("demo", layers=["stage1_align"]).train.lr == 1e-3  # configs without stages: as before
     assert load_config("med2e3", ["train.stage=stage1_align"]).train.epochs == 3
+    # the shipped overlay named by its path selects too
+    assert load_config("med2e3", layers=[str(config_dir() / "stage1_align.yaml")]).train.lr == 1e-4
     assert load_config("med2e3", ["train.lr=3e-5"], layers=["stage2_finetune"]).train.lr == 3e-5  # explicit wins
 
 
