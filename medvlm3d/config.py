@@ -14,6 +14,13 @@ from model/tgis.py, ..., TrainConfig in train/config.py, EvalConfig in eval/runn
 re-exported here, so `from medvlm3d.config import TGISConfig` works. Those modules never import
 this one. Shared checks and coercion: `medvlm3d.config_fields`.
 
+A paper config (configs/med2e3.yaml, ...) holds its stages' hyper-parameters itself, under a
+top-level `stages:` mapping from stage name to that stage's keys (lr, epochs, batch, schedule,
+losses, trainable policy). Selecting a stage (a layer named like a shipped stage overlay, e.g.
+`--stage stage1_align`, or `train.stage=...`) applies the paper's block INSTEAD of the generic
+configs/stage*.yaml; any other layer that sets one of `STAGE_KEYS` on such a config is a
+ConfigError (an explicit `train.lr=...` override still wins, last). See `_select_stage`.
+
 Derived values are set once: `model.encoder3d.img_size` is `data.size` (a YAML may repeat it
 only with the same value, as old checkpoints' config.yaml do; it is not written back).
 
@@ -57,7 +64,7 @@ __all__ = [
     "SliceEncoderConfig", "InterSliceConfig", "TGISConfig", "VoteMIConfig", "ProjectorConfig",
     "LLMConfig", "LoRAConfig", "TrainablePolicy", "ConfigError", "PLANES", "PRESETS", "VARIANTS",
     "MAX_SIDE", "load_config", "save_config", "to_dict", "from_dict", "config_dir", "apply_overrides",
-    "deep_merge", "import_plugins", "preset_names",
+    "deep_merge", "import_plugins", "preset_names", "STAGE_KEYS",
 ]
 
 
@@ -240,6 +247,57 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return out
 
 
+# the keys a paper config's `stages:` block owns: a layer may not change them behind its back
+STAGE_KEYS = ("lr", "lr_per_component", "max_steps", "epochs", "batch_size", "grad_accum", "global_batch",
+              "warmup_steps", "warmup_ratio", "weight_decay", "distill_weight", "distill_schedule",
+              "slice_loss_weight", "contrastive_temperature")
+
+
+def _stage_blocks(raw: dict[str, Any], where: str) -> dict[str, Any] | None:
+    """Pop and check the `stages:` mapping of a config (None when it declares none)."""
+    blocks = raw.pop("stages", None)
+    if blocks is None:
+        return None
+    if not isinstance(blocks, dict) or not all(isinstance(v, dict) for v in blocks.values()):
+        raise ConfigError(f"{where}: 'stages' must map a stage name to a mapping of its keys")
+    stages = _stage_names()
+    unknown = sorted(set(blocks) - set(stages))
+    if unknown:
+        raise ConfigError(f"{where}: stages {unknown} are not stages; valid: {stages}")
+    return blocks
+
+
+def _select_stage(raw: dict[str, Any], blocks: dict[str, Any], layers: Sequence[str | Path],
+                  overrides: Sequence[str], where: str) -> dict[str, Any]:
+    """Apply the paper config's own block for the selected stage; refuse layers that set STAGE_KEYS."""
+    selected = None
+    for layer in layers:
+        path = _resolve(layer)
+        if path.resolve().parent == config_dir().resolve() and path.stem in _stage_names():
+            selected = path.stem  # the generic overlay is replaced by the paper's block, not merged
+            continue
+        layer_raw = _read_yaml(path)
+        clash = sorted(k for k in (layer_raw.get("train") or {}) if k in STAGE_KEYS)
+        if clash or (layer_raw.get("model") or {}).get("trainable") is not None:
+            keys = [f"train.{k}" for k in clash] + (["model.trainable"] if "trainable" in (layer_raw.get("model") or {}) else [])
+            raise ConfigError(
+                f"{where} declares its own stage hyper-parameters under 'stages:' ({sorted(blocks)}); the layer "
+                f"{path} would change {keys}. Select a stage by name (e.g. --stage stage1_align) and change a "
+                f"value with an explicit override (e.g. train.lr=1e-4)")
+        raw = _merge_layer(raw, layer_raw)
+        selected = (layer_raw.get("train") or {}).get("stage", selected)
+    for item in overrides:  # an explicit train.stage=... selects too (the last one wins)
+        key, _, value = item.partition("=")
+        if key.strip() == "train.stage":
+            selected = value.strip()
+    selected = selected or (raw.get("train") or {}).get("stage") or TrainConfig.stage
+    if selected not in blocks:
+        raise ConfigError(f"{where} declares stages {sorted(blocks)} under 'stages:'; {selected!r} is not one of them")
+    raw = deep_merge(raw, blocks[selected])
+    raw.setdefault("train", {})["stage"] = selected
+    return raw
+
+
 def load_config(
     path_or_name: str | Path | dict[str, Any] = "demo",
     overrides: Sequence[str] = (),
@@ -257,6 +315,11 @@ def load_config(
             raw["plugins"] = _plugin_list(raw["plugins"], Path.cwd(), "the given mapping")
     else:
         raw = _read_yaml(_resolve(path_or_name))
+    where = f"config {path_or_name!r}" if not isinstance(path_or_name, dict) else "the given config"
+    blocks = _stage_blocks(raw, where)
+    if blocks is not None:
+        raw = _select_stage(raw, blocks, layers, overrides, where)
+        layers = ()
     for layer in layers:
         raw = _merge_layer(raw, _read_yaml(_resolve(layer)))
     before = list(raw.get("plugins") or [])
@@ -270,3 +333,10 @@ def load_config(
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write `cfg` as YAML (derived keys left out; plugins kept, so loading re-imports them)."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def _stage_names() -> list[str]:
+    """The registered stages (train/stages/, plugins); imported on use, as train/stages imports this module's users."""
+    from medvlm3d.train.stages import STAGES
+
+    return STAGES.names()

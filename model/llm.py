@@ -4,7 +4,7 @@
   `<image>` placeholder registered as a special token and a pad token set.
 - `build_llm(cfg, tokenizer, device_map=None)`: a causal LM, either from a local checkpoint folder
   (`cfg.path`) or randomly initialised from the config fields (registry `LLM_ARCHS`: "llama",
-  "qwen2"). Its input embeddings are grown to `len(tokenizer)` when the tokenizer has more tokens
+  "qwen2", "phi3"). Its input embeddings are grown to `len(tokenizer)` when the tokenizer has more tokens
   than the model. `device_map` ("auto", "balanced", a dict, ...) dispatches a folder's LM over
   several devices through accelerate (big-model inference).
   forward(inputs_embeds [B, L, Dl], attention_mask [B, L]) -> logits [B, L, V].
@@ -37,6 +37,7 @@ from transformers import (
     LlamaConfig,
     PretrainedConfig,
     PreTrainedModel,
+    Phi3Config,
     Qwen2Config,
 )
 
@@ -100,6 +101,11 @@ def _llama_config(**fields: Any) -> PretrainedConfig:
 @LLM_ARCHS.register("qwen2")
 def _qwen2_config(**fields: Any) -> PretrainedConfig:
     return Qwen2Config(**fields)
+
+
+@LLM_ARCHS.register("phi3")
+def _phi3_config(**fields: Any) -> PretrainedConfig:
+    return Phi3Config(**fields)  # Phi-3-mini's shape from config (fused qkv_proj / gate_up_proj)
 
 
 def _local_dir(path: str, what: str, need: tuple[str, ...] = ()) -> Path:
@@ -315,14 +321,15 @@ class TextEncoder(nn.Module):
     """A local HF encoder (AutoModel + AutoTokenizer from the folder `path`).
 
     forward(list of B strings) -> [B, out_dim]: the last hidden state pooled over the real tokens
-    ("mean": masked mean; "cls": the first token). Frozen by default: its weights do not require
+    ("mean": masked mean; "cls": the first token; "pooler": the model's `pooler_output`, e.g.
+    BERT's tanh-dense [CLS], which Med-2E3's TG-IS reads). Frozen by default: its weights do not require
     grad, it stays in eval mode and runs without autograd.
     """
 
     def __init__(self, path: str, out_pooling: str = "mean", max_length: int = 128, trainable: bool = False) -> None:
         super().__init__()
-        if out_pooling not in ("mean", "cls"):
-            raise ValueError(f"TextEncoder out_pooling must be 'mean' or 'cls', got {out_pooling!r}")
+        if out_pooling not in ("mean", "cls", "pooler"):
+            raise ValueError(f"TextEncoder out_pooling must be 'mean', 'cls' or 'pooler', got {out_pooling!r}")
         if max_length < 1:
             raise ValueError(f"TextEncoder max_length must be >= 1, got {max_length}")
         folder = _local_dir(path, "tgis.text_encoder", need=("config.json",))
@@ -351,7 +358,12 @@ class TextEncoder(nn.Module):
             list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(device)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            hidden = self.encoder(**batch).last_hidden_state  # [B, L, H]
+            out = self.encoder(**batch)
+        if self.out_pooling == "pooler":
+            if getattr(out, "pooler_output", None) is None:
+                raise ValueError("tgis.text_pooling 'pooler': the text encoder has no pooler_output")
+            return out.pooler_output  # [B, H]
+        hidden = out.last_hidden_state  # [B, L, H]
         if self.out_pooling == "cls":
             return hidden[:, 0]
         mask = batch["attention_mask"].to(hidden.dtype).unsqueeze(-1)  # [B, L, 1]

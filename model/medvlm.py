@@ -123,7 +123,7 @@ class MedVLM(nn.Module):
         if self.variant in ("2e3", "2e3_interslice"):
             text_dim = width
             if mc.tgis.text_source == "hf":
-                self.text_encoder = TextEncoder(mc.tgis.text_encoder)
+                self.text_encoder = TextEncoder(mc.tgis.text_encoder, out_pooling=mc.tgis.text_pooling)
                 text_dim = self.text_encoder.out_dim
             self.tgis = TGIS(mc.tgis, width, text_dim)
         apply_trainable_policy(self.components(), mc.trainable)

@@ -13,7 +13,7 @@ The feature layout is told apart by tensor rank, never by model name:
 - rank 4 `[N, C, h, w]` (CNN; `[N, h, w, C]` when the model says `output_fmt == "NHWC"`, e.g. Swin).
 
 Input slices are in [0, 1]; they are normalised with the backbone's pretrained mean/std (the
-channel mean for `in_chans=1`), and the grey channel is repeated when `in_chans=3`.
+channel mean for `in_chans=1`; none with `normalize: none`), and the grey channel is repeated when `in_chans=3`.
 `cfg.gradient_checkpointing` switches on timm's `set_grad_checkpointing` (blocks / stages are
 recomputed in backward; a `ValueError` at construction if the model does not support it).
 `cfg.weights` is a local file (safetensors or weights-only torch) handed to timm's own
@@ -50,9 +50,13 @@ class SliceEncoderConfig:
     num_tokens: int = 4  # T: tokens per slice after pooling
     chunk_size: int = 64  # slices per backbone call
     gradient_checkpointing: bool = False  # timm set_grad_checkpointing on the backbone (saves memory)
+    # pretrained: (x - mean) / std of the backbone's pretrained config; none: the [0, 1] slices as
+    # they are (Med-2E3 feeds SigLIP its [0, 1] volume slices without normalising)
+    normalize: str = "pretrained"
 
     def __post_init__(self) -> None:
         check_choice("slice_encoder.in_chans", self.in_chans, (1, 3))
+        check_choice("slice_encoder.normalize", self.normalize, ("pretrained", "none"))
         if self.num_tokens < 1 or self.chunk_size < 1:
             raise ConfigError("slice_encoder.num_tokens and slice_encoder.chunk_size must be >= 1")
 
@@ -108,6 +112,8 @@ class SliceEncoder(nn.Module):
         std = torch.tensor(pcfg.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32)
         if cfg.in_chans == 1:
             mean, std = mean.mean(0, keepdim=True), std.mean(0, keepdim=True)
+        if cfg.normalize == "none":
+            mean, std = torch.zeros_like(mean), torch.ones_like(std)
         self.register_buffer("mean", mean.view(1, -1, 1, 1)[:, : cfg.in_chans], persistent=False)
         self.register_buffer("std", std.view(1, -1, 1, 1)[:, : cfg.in_chans], persistent=False)
         self.img_size = size

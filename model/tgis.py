@@ -58,6 +58,9 @@ class TGISConfig:
     text_encoder: str = ""  # local HF folder when text_source == "hf"
     pos_embed: bool = False  # add a learned slice-position (and plane) embedding to each slice's tokens
     scorer: str = "med2e3"  # slice scorer (SCORERS below): med2e3 (z.t/tau) | context (+ gated cross-slice term)
+    # Dropout on the scores used for the fusion (Med-2E3: 0.1); `TGISOutput.scores` stay undropped
+    score_dropout: float = 0.0
+    text_pooling: str = "mean"  # text_source hf: mean | cls | pooler (BERT pooler_output, as Med-2E3)
 
     def __post_init__(self) -> None:
         if self.tau <= 0:
@@ -65,6 +68,9 @@ class TGISConfig:
         if self.top_k < 0:
             raise ConfigError(f"tgis.top_k must be >= 0, got {self.top_k}")
         check_choice("tgis.text_source", self.text_source, ("llm", "hf"))
+        check_choice("tgis.text_pooling", self.text_pooling, ("mean", "cls", "pooler"))
+        if not 0.0 <= self.score_dropout < 1.0:
+            raise ConfigError(f"tgis.score_dropout must be in [0, 1), got {self.score_dropout}")
 
 
 log = logging.getLogger(__name__)
@@ -183,6 +189,7 @@ class TGIS(nn.Module):
             self.plane_embed = nn.Embedding(len(PLANES), dim)
             nn.init.zeros_(self.plane_embed.weight)
         self.scorer = SCORERS.build(cfg.scorer, cfg, dim)  # built last: the layers above keep their init
+        self.score_dropout = nn.Dropout(cfg.score_dropout) if cfg.score_dropout > 0 else None
 
     def position_embedding(self, slice_pos: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
         """slice_pos [B, S] in (0, 1), plane [B, S] long -> [B, S, D]; only with `cfg.pos_embed`."""
@@ -245,7 +252,8 @@ class TGIS(nn.Module):
         logits = self.scorer(z, t, mask)  # [B, S] float32
         keep = mask if self.top_k == 0 else topk_mask(logits, mask, self.top_k)
         scores = masked_softmax(logits, keep)
-        z2d = torch.einsum("bs,bstd->btd", scores.to(v.dtype), v)
+        fused = scores if self.score_dropout is None else self.score_dropout(scores)
+        z2d = torch.einsum("bs,bstd->btd", fused.to(v.dtype), v)
         return TGISOutput(scores=scores, z2d=z2d, logits=logits)
 
 

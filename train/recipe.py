@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from medvlm3d.config import RunConfig, load_config, save_config, to_dict
+from medvlm3d.train.config import schedule_steps
 from medvlm3d.train.checkpointing import MARKER, complete_checkpoints, latest_complete, read_progress
 from medvlm3d.train.loop import Loop, Progress, TrainingDiverged, checkpoint_writer, exported, lm_loss_function, stage_module
 from medvlm3d.train.stages import get_stage
@@ -290,6 +291,10 @@ def run_training(cfg: RunConfig) -> Path:
     if t.max_steps < 1:
         raise ValueError(f"train.max_steps must be >= 1, got {t.max_steps}")
     run_dir = Path(t.output_dir).expanduser().resolve()
+    if t.global_batch > 0:  # a paper's global batch, whatever the process count (train/config.py)
+        from accelerate import PartialState
+
+        t.grad_accum = schedule_steps(t, 0, PartialState().num_processes)[0]
     accelerator = make_accelerator(cfg, run_dir)
     try:
         if not accelerator.is_main_process:
@@ -312,6 +317,8 @@ def run_training(cfg: RunConfig) -> Path:
         elif t.distill_weight > 0 and cfg.model.vote_mi.teacher == "off":
             log.warning("train.distill_weight=%s but model.vote_mi.teacher=off: no distillation term", t.distill_weight)
         dataset, collate = build_train_data(cfg, vlm.tokenizer, vlm.num_visual_tokens)
+        if t.epochs > 0 or t.warmup_ratio > 0:  # epochs / warmup_ratio -> steps (train/config.py)
+            _, t.max_steps, t.warmup_steps = schedule_steps(t, len(dataset), accelerator.num_processes)
         loader, sampler = make_loader(dataset, collate, cfg, accelerator.num_processes)
         optimizer = torch.optim.AdamW(param_groups(module, vlm, cfg), lr=t.lr)
         scheduler = get_cosine_schedule_with_warmup(optimizer, min(t.warmup_steps, t.max_steps), t.max_steps)
