@@ -125,8 +125,19 @@ def m3d_cap_candidates(path: Path, root: Path | None, split: str | None, check_f
             yield where, build
 
 
+class M3DRootFormat(DatasetFormat):
+    """An M3D file whose image paths are relative to the M3D data root (data.data_root, or found
+    from the file's own place: see data_root_of)."""
+
+    def base_dir(self, source: Path) -> Path | None:
+        return None  # the paths are joined with the data root already
+
+    def roots(self, source: Path, data_root: Path | None) -> list[Path]:
+        return [data_root_of(source, data_root)[0]]
+
+
 @DATASETS.register("m3d_cap")
-class M3DCap(DatasetFormat):
+class M3DCap(M3DRootFormat):
     name = "m3d_cap"
     order = 20
     splits = CAP_SPLITS
@@ -136,12 +147,6 @@ class M3DCap(DatasetFormat):
     def detect(self, source: Path) -> bool:
         return source.is_file() and source.suffix.lower() == ".json" and is_m3d_cap_json(source)
 
-    def base_dir(self, source: Path) -> Path | None:
-        return None  # the paths are joined with the data root already
-
-    def roots(self, source: Path, data_root: Path | None) -> list[Path]:
-        return [data_root_of(source, data_root)[0]]
-
     def candidates(
         self, source: Path, *, split: str | None, data_root: Path | None, options: Mapping[str, Any]
     ) -> Iterator[Candidate]:
@@ -149,5 +154,5 @@ class M3DCap(DatasetFormat):
                                   bool(options.get("allow_outside_root", False)))
 
 
-__all__ = ["CAP_SPLITS", "M3DCap", "data_root_of", "extract_report", "is_m3d_cap_json", "m3d_cap_candidates",
+__all__ = ["CAP_SPLITS", "M3DCap", "M3DRootFormat", "data_root_of", "extract_report", "is_m3d_cap_json", "m3d_cap_candidates",
            "rel_path"]

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from ..errors import DataError
-from .base import DATASETS, Candidate, DatasetFormat, Record, csv_header, csv_rows
-from .m3d_cap import data_root_of, rel_path
+from .base import DATASETS, Candidate, Record, csv_header, csv_rows
+from .m3d_cap import M3DRootFormat, data_root_of, rel_path
 
 VQA_COLUMNS = (
     "Image Path", "Text", "Question Type", "Question", "Choice A", "Choice B", "Choice C", "Choice D",
@@ -78,19 +78,13 @@ def m3d_vqa_candidates(path: Path, root: Path | None, vqa_mode: str, check_files
 
 
 @DATASETS.register("m3d_vqa")
-class M3DVQA(DatasetFormat):
+class M3DVQA(M3DRootFormat):
     name = "m3d_vqa"
     order = 30
     help = "an M3D-VQA .csv with columns Image Path, ..., Answer Choice"
 
     def detect(self, source: Path) -> bool:
         return source.is_file() and source.suffix.lower() == ".csv" and set(VQA_REQUIRED) <= set(csv_header(source))
-
-    def base_dir(self, source: Path) -> Path | None:
-        return None  # the paths are joined with the data root already
-
-    def roots(self, source: Path, data_root: Path | None) -> list[Path]:
-        return [data_root_of(source, data_root)[0]]
 
     def candidates(
         self, source: Path, *, split: str | None, data_root: Path | None, options: Mapping[str, Any]

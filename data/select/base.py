@@ -63,6 +63,16 @@ class SliceSelection:
     keep: torch.Tensor | None  # [k] long, sorted slice positions
 
 
+class SimpleSelector:
+    """Constructor shared by the parameter-free selectors: the teacher is on unless
+    `cfg.teacher == "off"`; `cfg.seed` seeds the ones that draw."""
+
+    def __init__(self, cfg: object, num_picks: int) -> None:
+        self.teacher_on = getattr(cfg, "teacher", "picks") != "off"
+        self.seed = int(getattr(cfg, "seed", 0))
+        self.num_picks = int(num_picks)
+
+
 class Selector(Protocol):
     def __call__(
         self,

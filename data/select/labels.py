@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from .base import SELECTORS, SliceSelection, per_plane_keep, real_mask, teacher_on
+from .base import SELECTORS, SimpleSelector, SliceSelection, per_plane_keep, real_mask, teacher_on
 
 
 @SELECTORS.register("labels")
-class LabelsSelector:
-    def __init__(self, cfg: object, num_picks: int) -> None:
-        self.teacher_on = getattr(cfg, "teacher", "picks") != "off"
-        self.num_picks = int(num_picks)
-
+class LabelsSelector(SimpleSelector):
     def __call__(self, slices: torch.Tensor, plane: torch.Tensor, mask: torch.Tensor | None = None,
                  index: int = 0, slice_target: torch.Tensor | None = None) -> SliceSelection:
         m = real_mask(plane, mask)
