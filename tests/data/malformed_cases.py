@@ -29,6 +29,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from medvlm3d import DataError
+from medvlm3d.data.volume import load_volume
 
 TIME_LIMIT = 5.0  # seconds per case
 CT_SOP = "1.2.840.10008.5.1.4.1.1.2"
@@ -76,6 +77,13 @@ def check_error(fn: Callable[[], Any], e: Expect) -> str:
     assert re.search(e.match, msg, re.I), f"{e.match!r} not in: {msg}"
     assert time.perf_counter() - t0 < TIME_LIMIT
     return msg
+
+
+def check_volume_case(build: Callable[[Path], Expect], tmp_path: Path) -> None:
+    """One in-process volume case (test_malformed_{nifti,npy,dicom}.py): build it in tmp_path, load it."""
+    e = build(tmp_path)
+    check_error(lambda: load_volume(e.target, size=(4, 4, 4), **e.kwargs), e)
+    assert not (tmp_path / "PWNED").exists()  # the pickle payloads never ran
 
 
 # ------------------------------------------------------------------------------------- writers

@@ -17,16 +17,8 @@ from medvlm3d.data.formats.ct_rate import CT_RATE_LABELS, METADATA_COLUMNS, REPO
 from medvlm3d.data.formats.m3d_vqa import VQA_COLUMNS
 from medvlm3d.data.readers import read_records, read_records_report
 
-from malformed_cases import (
-    GOOD,
-    GOOD_NPY,
-    Expect,
-    check_error,
-    deadline,  # noqa: F401  (autouse: the per-case time limit)
-    manifest,
-    rec,
-    touch,
-)
+from malformed_cases import GOOD, GOOD_NPY, Expect, check_error, manifest, rec, touch
+from malformed_cases import deadline  # noqa: F401  (autouse: the per-case time limit)
 from test_malformed_dicom import VOLUME as dicom_cases
 from test_malformed_nifti import VOLUME as nifti_cases
 from test_malformed_npy import VOLUME as npy_cases

@@ -21,16 +21,8 @@ import numpy as np
 import pytest
 from pydicom.uid import generate_uid
 
-from malformed_cases import (
-    TIME_LIMIT,
-    Expect,
-    deadline,  # noqa: F401  (autouse: the per-case time limit)
-    dicom_file,
-    edited,
-    npy_raw,
-    series,
-    write_nifti,
-)
+from malformed_cases import TIME_LIMIT, Expect, dicom_file, edited, npy_raw, series, write_nifti
+from malformed_cases import deadline  # noqa: F401  (autouse: the per-case time limit)
 
 # ----------------------------------------------------------------- RISKY cases (in a subprocess)
 

@@ -12,10 +12,8 @@ import yaml
 
 from medvlm3d import ConfigError, load_config
 
-from malformed_cases import (
-    REPO,
-    deadline,  # noqa: F401  (autouse: the per-case time limit)
-)
+from malformed_cases import REPO
+from malformed_cases import deadline  # noqa: F401  (autouse: the per-case time limit)
 
 # ------------------------------------------------------------------------------- safe loading
 

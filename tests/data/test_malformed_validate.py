@@ -16,14 +16,8 @@ from medvlm3d.cli import main as cli_main
 from medvlm3d.config import DataConfig
 from medvlm3d.data.validate import validate_dataset
 
-from malformed_cases import (
-    GOOD_NPY,
-    cut,
-    deadline,  # noqa: F401  (autouse: the per-case time limit)
-    rec,
-    series,
-    write_nifti,
-)
+from malformed_cases import GOOD_NPY, cut, rec, series, write_nifti
+from malformed_cases import deadline  # noqa: F401  (autouse: the per-case time limit)
 
 # ------------------------------------------------------------------------- the validation pass
 
