@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -53,8 +52,17 @@ import nibabel as nib
 import numpy as np
 
 from .errors import ConfigError
-from .prompts import format_record
 from .readers import REPORT_QUESTION, validate_record, write_manifest
+from .synthetic_text import (  # noqa: F401  (corpus_texts, report_labels: re-exported)
+    CHOICES,
+    LETTERS,
+    QUESTIONS,
+    REFERENT,
+    corpus_texts,
+    findings_report,
+    pick,
+    report_labels,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,26 +78,7 @@ LESION_DELTA = {"hyperdense": (130.0, 170.0), "hypodense": (-100.0, -80.0)}
 LESION_RADIUS = {"small": ((0.045, 0.06), (0.06, 0.08)), "large": ((0.09, 0.12), (0.12, 0.16))}
 PROPERTIES = {"kind": ("hyperdense", "hypodense"), "size": ("small", "large"),
               "side": ("left", "right"), "position": ("upper", "lower")}
-CHOICES = {
-    "presence": ("yes", "no", "cannot be determined", "only artifacts"),
-    "count": ("0", "1", "2", "3"),
-    "kind": ("hyperdense", "hypodense", "isodense", "fat-containing"),
-    "size": ("small", "large", "medium", "diffuse"),
-    "side": ("left", "right", "midline", "both sides"),
-    "position": ("upper", "lower", "middle", "whole length"),
-}
-QUESTIONS = {
-    "presence": ("Is there a focal lesion in this scan?", "Does this scan show any focal lesion?"),
-    "count": ("How many focal lesions are there?", "How many lesions does this scan show?"),
-    "kind": ("What is the density of {ref}?", "Is {ref} hyperdense or hypodense?"),
-    "size": ("What is the size of {ref}?", "Is {ref} small or large?"),
-    "side": ("On which side of the patient is {ref}?", "Is {ref} on the left or right side?"),
-    "position": ("Is {ref} in the upper or lower part of the scan?", "Where along the body axis is {ref}?"),
-}
-REFERENT = {"position": "the lesion in the {} part", "side": "the lesion on the {} side"}
 _OPPOSITE = {v: vals[1 - i] for vals in PROPERTIES.values() for i, v in enumerate(vals)}
-_COUNT_WORD = {1: "One focal lesion.", 2: "Two focal lesions."}
-_LETTERS = "ABCD"
 
 
 @dataclass(frozen=True)
@@ -136,12 +125,7 @@ class PhantomStudy:
 
     def __post_init__(self) -> None:
         self.lesions = sorted(self.lesions, key=lambda l: (l.position != "upper", l.side != "left"))
-        organs = "The liver, spleen and kidneys are {}normal. The spine is intact."
-        if not self.lesions:
-            self.report = "Findings: No focal lesion. " + organs.format("")
-        else:
-            parts = [_COUNT_WORD[len(self.lesions)]] + [l.sentence() for l in self.lesions]
-            self.report = "Findings: " + " ".join(parts) + " " + organs.format("otherwise ")
+        self.report = findings_report([l.sentence() for l in self.lesions])
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -192,14 +176,14 @@ class PhantomStudy:
         ask_presence = not self.lesions or rng.random() < min(1.0, p0 / max(1e-9, 1.0 - p0))
         questions: list[tuple[str, str, str, int | None]] = []  # (type, text, answer, lesion index)
         if ask_presence:
-            questions.append(("presence", _pick(rng, QUESTIONS["presence"]), "yes" if self.lesions else "no", None))
-        questions.append(("count", _pick(rng, QUESTIONS["count"]), str(len(self.lesions)), None))
+            questions.append(("presence", pick(rng, QUESTIONS["presence"]), "yes" if self.lesions else "no", None))
+        questions.append(("count", pick(rng, QUESTIONS["count"]), str(len(self.lesions)), None))
         pairs = [(i, p) for i in range(len(self.lesions)) for p in PROPERTIES if p != self.referent]
         for j in rng.permutation(len(pairs))[: max(0, max_items - len(questions))]:
             i, prop = pairs[int(j)]
             les = self.lesions[i]
             ref = REFERENT[self.referent].format(getattr(les, self.referent)) if self.referent else "the lesion"
-            text = _pick(rng, QUESTIONS[prop]).format(ref=ref)
+            text = pick(rng, QUESTIONS[prop]).format(ref=ref)
             questions.append((prop, text, getattr(les, prop), i))
         items = []
         for qtype, text, answer, idx in questions:
@@ -209,16 +193,12 @@ class PhantomStudy:
                 if form == "closed":
                     choices = [CHOICES[qtype][int(k)] for k in rng.permutation(4)]
                     item["choices"] = choices
-                    item["answer_choice"] = _LETTERS[choices.index(answer)]
+                    item["answer_choice"] = LETTERS[choices.index(answer)]
                 if slices:
                     item["slice_labels"] = list(slices)
                 item["meta"] = {"form": form, "lesion": idx}
                 items.append(item)
         return items
-
-
-def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
-    return options[int(rng.integers(len(options)))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,23 +376,3 @@ def make_dataset(
     path = write_manifest(records, out / "manifest.jsonl")
     logger.info("wrote %d studies, %d records to %s", n, len(records), path)
     return path
-
-
-def corpus_texts(records: Sequence[dict[str, Any]]) -> list[str]:
-    """Texts for tokenizer training: each record's prompt and target as the model sees them
-    (closed VQA with its "Choices: A. ..." list), the raw answers and every choice string."""
-    texts: list[str] = []
-    for rec in records:
-        question, target = format_record(rec)
-        texts += [question, target, str(rec["answer"])] + [str(c) for c in rec.get("choices") or []]
-    return texts
-
-
-_LESION_RE = re.compile(r"\b(small|large) (hyperdense|hypodense) lesion in the (upper|lower) (left|right)")
-
-
-def report_labels(report: str) -> dict[str, int]:
-    """Lesion presence and count read from a (generated) report in this module's template."""
-    n = len(_LESION_RE.findall(report))
-    negative = "no focal lesion" in report.lower()
-    return {"lesion": int(n > 0 or (not negative and "lesion" in report.lower())), "count": n}

@@ -1,92 +1,22 @@
-"""Tests of medvlm3d.data.volume / dicom: readers, orientation, intensity, errors, slices, cache.
+"""Tests of medvlm3d.data.volume: NIfTI and npy readers, orientation, intensity, bad input, slices.
 
-Fixtures are tiny volumes written into tmp_path with nibabel, pydicom 3 and numpy.
+Fixtures are tiny volumes written into tmp_path (writers in tests/data/volume_helpers.py); DICOM
+series are in test_volume_dicom.py, studies and the cache in test_volume_study.py.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 import medvlm3d.data.volume as V
 from medvlm3d.config import DataConfig
-from medvlm3d.data.errors import DataError
-from medvlm3d.data.volume import Study, build_transforms, load_study, load_volume, load_volume_from_config, slice_views
+from medvlm3d.data.volume import load_study, load_volume, slice_views
 
-CT_SOP, MR_SOP, ENH_CT_SOP = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.2.1"
-
-
-def nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None,
-          scl: tuple[float, float] | None = None) -> Path:
-    img = nib.Nifti1Image(data, np.eye(4) if affine is None else affine)
-    if scl is not None:
-        img.header.set_slope_inter(*scl)
-    nib.save(img, str(path))
-    return path
-
-
-def dicom_file(path: Path, pixels: np.ndarray, *, series: str, sop: str = CT_SOP, modality: str = "CT",
-               pixel_data: bool = True, **tags: object) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop
-    meta.MediaStorageSOPInstanceUID = uid = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = sop, uid, modality
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3.4", series
-    ds.Rows, ds.Columns = pixels.shape[-2:]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    for k, v in tags.items():
-        setattr(ds, k, v)
-    if pixel_data:
-        ds.PixelData = pixels.astype(np.int16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def series(folder: Path, hu: np.ndarray, *, slope: float = 2.0, intercept: float = -1024.0, modality: str = "CT",
-           seed: int = 0, uid: str | None = None) -> Path:
-    """hu [K, rows, cols]: slice k at z = 2.5 k mm (axial); shuffled file names and InstanceNumbers."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    names, numbers = rng.permutation(len(hu)), rng.permutation(len(hu)) + 1
-    uid = uid or generate_uid()
-    for k, sl in enumerate(hu):
-        stored = np.round((sl - intercept) / slope)
-        dicom_file(folder / f"IM{names[k]:04d}", stored, series=uid, modality=modality,
-                   sop=MR_SOP if modality == "MR" else CT_SOP, InstanceNumber=int(numbers[k]),
-                   ImagePositionPatient=[-10.0, -20.0, 2.5 * k], ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
-                   PixelSpacing=[0.8, 0.8], RescaleSlope=slope, RescaleIntercept=intercept)
-    return folder
-
-
-def graded_hu(k: int = 6, rows: int = 8, cols: int = 10) -> np.ndarray:
-    """Slice k holds HU -500 + 200 k; one bright (1000 HU) voxel at row 0, column cols-1."""
-    hu = np.repeat((-500.0 + 200.0 * np.arange(k))[:, None, None], rows, 1).repeat(cols, 2)
-    hu[:, 0, cols - 1] = 1000.0
-    return hu
-
-
-def expected_graded(k: int) -> float:
-    return (-500.0 + 200.0 * k + 1000.0) / 2000.0
-
-
-def raises_naming(path: Path, fn, *args, match: str = "", **kw) -> DataError:
-    with pytest.raises(DataError) as e:
-        fn(*args, **kw)
-    assert path.name in str(e.value), str(e.value)
-    assert match.lower() in str(e.value).lower(), str(e.value)
-    return e.value
-
+from volume_helpers import graded_hu, nifti, raises_naming, series
 
 # ---------------------------------------------------------------------------------- NIfTI
 
@@ -150,92 +80,6 @@ def test_rescale_applied_to_raw_values_only(tmp_path: Path) -> None:
     assert float(out[0, 3, 3, 3]) == pytest.approx(0.5)
     assert V.looks_raw_ct(torch.from_numpy(raw.astype(np.float32)))
     assert not V.looks_raw_ct(torch.from_numpy(hu.astype(np.float32)))
-
-
-# ---------------------------------------------------------------------------------- DICOM
-
-
-def test_dicom_series_sorted_by_position_with_rescale(tmp_path: Path) -> None:
-    folder = series(tmp_path / "ser", graded_hu(), seed=3)
-    (folder / "notes.txt").write_text("not dicom")  # ignored
-    vol = load_volume(folder, size=(6, 8, 10))
-    assert vol.shape == (1, 6, 8, 10)
-    got = [float(vol[0, k, 4, 4]) for k in range(6)]
-    assert got == pytest.approx([expected_graded(k) for k in range(6)], abs=1e-6)  # order by position, HU rescaled
-    # row 0 is most anterior (LPS +y = posterior) -> H last; last column most left -> W 0
-    assert torch.all(vol[0, :, 7, 0] == 1.0) and float(vol[0, 0, 0, 9]) < 1.0
-
-
-def test_dicom_sagittal_series_geometry(tmp_path: Path) -> None:
-    # rows run posterior (LPS +y), columns run inferior; slices step toward the left (LPS +x)
-    folder, uid = tmp_path / "sag", generate_uid()
-    folder.mkdir()
-    for k in range(5):
-        hu = np.full((8, 10), -500.0 + 200.0 * k)
-        if k == 1:
-            hu[0, 0] = 1000.0  # superior-most row, anterior-most column
-        dicom_file(folder / f"s{(k * 3) % 5}", hu + 1024, series=uid, InstanceNumber=5 - k, RescaleIntercept=-1024,
-                   RescaleSlope=1, ImagePositionPatient=[3.0 * k, 0.0, 0.0], ImageOrientationPatient=[0, 1, 0, 0, 0, -1],
-                   PixelSpacing=[1.0, 1.0])
-    vol = load_volume(folder, size=(8, 10, 5))
-    assert [float(vol[0, 4, 4, w]) for w in range(5)] == pytest.approx([expected_graded(4 - w) for w in range(5)])
-    assert np.unravel_index(int(vol.argmax()), vol.shape[1:]) == (7, 9, 3)  # D top, H anterior, W = right-to-left
-
-
-def test_dicom_mr_modality_tag_gives_percentiles(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    folder = series(tmp_path / "mr", rng.uniform(100, 300, (5, 8, 8)).round(), slope=1.0, intercept=0.0, modality="MR")
-    vol = load_volume(folder, size=(5, 8, 8))
-    assert float(vol.min()) == 0.0 and float(vol.max()) == 1.0  # CT window would give 0.55 .. 0.65
-
-
-def test_multiframe_dicom(tmp_path: Path) -> None:
-    hu = graded_hu(k=5)
-    order = [3, 0, 4, 1, 2]  # frames stored out of position order
-    stored = np.round((hu[order] + 1024) / 2.0)
-    shared = Dataset()
-    shared.PlaneOrientationSequence = [Dataset()]
-    shared.PlaneOrientationSequence[0].ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    shared.PixelMeasuresSequence = [Dataset()]
-    shared.PixelMeasuresSequence[0].PixelSpacing = [0.8, 0.8]
-    shared.PixelValueTransformationSequence = [Dataset()]
-    pvt = shared.PixelValueTransformationSequence[0]
-    pvt.RescaleSlope, pvt.RescaleIntercept, pvt.RescaleType = 2.0, -1024.0, "HU"
-    per = []
-    for k in order:
-        fr = Dataset()
-        fr.PlanePositionSequence = [Dataset()]
-        fr.PlanePositionSequence[0].ImagePositionPatient = [0.0, 0.0, 3.0 * k]
-        per.append(fr)
-    p = dicom_file(tmp_path / "enhanced.dcm", stored, series=generate_uid(), sop=ENH_CT_SOP, NumberOfFrames=5,
-                   SharedFunctionalGroupsSequence=[shared], PerFrameFunctionalGroupsSequence=per)
-    vol = load_volume(p, size=(5, 8, 10))
-    assert [float(vol[0, k, 4, 4]) for k in range(5)] == pytest.approx([expected_graded(k) for k in range(5)])
-    assert torch.all(vol[0, :, 7, 0] == 1.0)
-
-
-def test_dicom_errors_name_the_file(tmp_path: Path) -> None:
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    raises_naming(empty, load_volume, empty, match="no DICOM files")
-    (empty / "readme.txt").write_text("hello")
-    raises_naming(empty, load_volume, empty, match="no DICOM files")
-    mixed = series(tmp_path / "mixed", graded_hu(k=3))
-    dicom_file(mixed / "other", np.zeros((8, 10)), series="9.9.9", InstanceNumber=1,
-               ImagePositionPatient=[0, 0, 50.0], ImageOrientationPatient=[1, 0, 0, 0, 1, 0], PixelSpacing=[1, 1])
-    raises_naming(mixed, load_volume, mixed, match="different series")
-    nopix = series(tmp_path / "nopix", graded_hu(k=3), uid="1.5.5")
-    bad = dicom_file(nopix / "zz_nopix", np.zeros((8, 10)), series="1.5.5", pixel_data=False, InstanceNumber=9,
-                     ImagePositionPatient=[-10.0, -20.0, 30.0], ImageOrientationPatient=[1, 0, 0, 0, 1, 0])
-    raises_naming(bad, load_volume, nopix, match="no pixel data")
-    single = dicom_file(tmp_path / "one.dcm", np.zeros((8, 10)), series="1.6", ImagePositionPatient=[0, 0, 0],
-                        ImageOrientationPatient=[1, 0, 0, 0, 1, 0])
-    raises_naming(single, load_volume, single, match="2D")
-    frames = dicom_file(tmp_path / "frames.dcm", np.zeros((3, 8, 10)), series="1.7", pixel_data=False, NumberOfFrames=3)
-    raises_naming(frames, load_volume, frames, match="no pixel data")
-    study = tmp_path / "study"
-    series(study / "s1", graded_hu(k=3))
-    raises_naming(study, load_volume, study, match="sub-folders")
 
 
 # ---------------------------------------------------------------------------------- npy
@@ -380,93 +224,3 @@ def test_slice_views_bad_arguments(kwargs: dict, match: str) -> None:
     args = dict(volume=torch.rand(1, 6, 8, 10), slice_size=(4, 4), planes=("axial",), num_slices=0) | kwargs
     with pytest.raises(ValueError, match=match):
         slice_views(**args)
-
-
-# ---------------------------------------------------------------------------------- studies
-
-
-def test_load_study_native_depth_varies_and_aligns(tmp_path: Path) -> None:
-    a = nifti(tmp_path / "a.nii.gz", np.random.default_rng(0).integers(-1000, 1000, (8, 8, 6)).astype(np.int16))
-    b = nifti(tmp_path / "b.nii.gz", np.random.default_rng(1).integers(-1000, 1000, (8, 8, 10)).astype(np.int16))
-    cfg = DataConfig(size=(4, 8, 8), slice_size=(8, 8), num_slices=-1, planes=("axial", "coronal"))
-    sa, sb = load_study(a, cfg), load_study(b, cfg)
-    assert sa.slices.shape == (1, 6 + 8, 1, 8, 8) and sb.slices.shape == (1, 10 + 8, 1, 8, 8)
-    assert sa.native_depth == [6] and sb.native_depth == [10] and sa.volume.shape == (1, 1, 4, 8, 8)
-    assert sb.slice_index[0, :10].tolist() == list(range(10)) and sb.slice_plane[0, 10:].tolist() == [1] * 8
-    capped = load_study(b, DataConfig(size=(4, 8, 8), slice_size=(8, 8), num_slices=-1, max_slices=7))
-    assert capped.slices.shape[1] == 7 and capped.native_depth == [10]
-    both = load_study([a, b], cfg)  # one S per study: the first image's
-    assert both.volume.shape == (2, 1, 4, 8, 8) and both.slices.shape == (2, 6 + 8, 1, 8, 8)
-    assert both.native_depth == [6, 10] and both.slice_pos.shape == both.slice_plane.shape == (2, 14)
-    fixed = load_study([a, b], DataConfig(size=(4, 8, 8), slice_size=(6, 6), num_slices=5))
-    assert fixed.slices.shape == (2, 5, 1, 6, 6) and fixed.slice_index.dtype == torch.long
-    with pytest.raises(DataError, match="missing.nii"):
-        load_study([a, tmp_path / "missing.nii"], cfg)
-    with pytest.raises(ValueError, match="DataConfig"):
-        load_study(a, {"size": (4, 8, 8)})  # type: ignore[arg-type]
-
-
-def test_augmentation_train_only_no_flip(tmp_path: Path) -> None:
-    data = np.full((16, 16, 8), -1000, np.int16)
-    data[2:5, 6:10, :] = 800  # a block on the patient's left (low x index = left in an identity/RAS affine)
-    p = nifti(tmp_path / "left.nii.gz", data)
-    cfg = DataConfig(size=(8, 16, 16), slice_size=(16, 16), num_slices=-1, augment=True)
-    ev = load_study(p, cfg)
-    assert torch.equal(ev.volume, load_study(p, cfg, train=False).volume)
-    torch.manual_seed(0)
-    tr1 = load_study(p, cfg, train=True)
-    torch.manual_seed(0)
-    assert torch.equal(tr1.volume, load_study(p, cfg, train=True).volume)  # seeded from torch
-    for seed in range(6):
-        torch.manual_seed(seed)
-        tr = load_study(p, cfg, train=True)
-        assert tr.volume.shape == ev.volume.shape and tr.slices.shape == ev.slices.shape
-        assert 0.0 <= float(tr.volume.min()) and float(tr.volume.max()) <= 1.0
-        for x in (tr.volume[0, 0], tr.slices[0, :, 0]):  # W grows to the right: the block stays left
-            assert float(x[..., :8].sum()) > 3 * float(x[..., 8:].sum())
-    assert len(build_transforms(cfg, train=True).transforms) > len(build_transforms(cfg, train=False).transforms)
-
-
-def test_load_volume_from_config_matches(tmp_path: Path) -> None:
-    p = nifti(tmp_path / "m.nii.gz", np.random.default_rng(2).integers(-1000, 1000, (10, 9, 8)).astype(np.int16))
-    cfg = DataConfig(size=(4, 6, 6), hu_window=(-500.0, 500.0), num_slices=-1)
-    assert torch.equal(load_volume_from_config(p, cfg), load_volume(p, size=(4, 6, 6), hu_window=(-500, 500)))
-    assert torch.equal(load_study(p, cfg).volume[0], load_volume_from_config(p, cfg))
-
-
-# ---------------------------------------------------------------------------------- cache
-
-
-def test_cache_hit_identical_faster_and_corrupt_recovered(tmp_path: Path, monkeypatch) -> None:
-    p = nifti(tmp_path / "c.nii.gz", np.random.default_rng(3).integers(-1000, 1000, (96, 96, 48)).astype(np.int16))
-    cache = tmp_path / "cache"
-    cfg = DataConfig(size=(16, 32, 32), slice_size=(32, 32), num_slices=-1, cache_dir=str(cache))
-    nocache = DataConfig(size=(16, 32, 32), slice_size=(32, 32), num_slices=-1)
-    cold_t, hit_t = [], []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        ref = load_study(p, nocache)
-        cold_t.append(time.perf_counter() - t0)
-    first = load_study(p, cfg)
-    files = list(cache.glob("*.safetensors"))
-    assert len(files) == 1 and not list(cache.glob("*.tmp"))
-    for _ in range(3):
-        t0 = time.perf_counter()
-        hit = load_study(p, cfg)
-        hit_t.append(time.perf_counter() - t0)
-    for f in ("volume", "slices", "slice_plane", "slice_index", "slice_pos"):
-        assert torch.equal(getattr(hit, f), getattr(ref, f)) and torch.equal(getattr(first, f), getattr(ref, f))
-    assert hit.native_depth == ref.native_depth == [48]
-    assert min(hit_t) < min(cold_t)
-    monkeypatch.setattr(V, "_read", lambda *a, **k: pytest.fail("cache hit must not read the volume"))
-    assert torch.equal(load_study(p, cfg).volume, ref.volume)
-    monkeypatch.undo()
-    files[0].write_bytes(b"\x00garbage" * 10)  # corrupt: deleted, recomputed, rewritten
-    again = load_study(p, cfg)
-    assert torch.equal(again.slices, ref.slices)
-    assert V._cache_read(files[0]) is not None
-    load_study(p, DataConfig(size=(16, 32, 32), slice_size=(32, 32), num_slices=-1, cache_dir=str(cache),
-                             hu_window=(-500.0, 500.0)))
-    assert len(list(cache.glob("*.safetensors"))) == 2  # the key holds the preprocessing fields
-    study = load_study(p, cfg, train=True)  # augment off in cfg: the cached study as is
-    assert isinstance(study, Study) and torch.equal(study.volume, ref.volume)
