@@ -22,6 +22,7 @@ from medvlm3d.data.select.base import (
 from medvlm3d.data.select.votek import (
     VoteKSelector,
     VoteMI,
+    VoteResult,
     intensity_features,
     select_slices,
     teacher_from,
@@ -111,16 +112,38 @@ def test_vote_mi_checks_and_modes() -> None:
     vm = VoteMI(cfg)
     torch.testing.assert_close(vm.teacher(feats, mask, plane), vm.teacher(feats, mask, plane, mode="picks"))
     assert not torch.equal(vm.teacher(feats, mask, plane, mode="votes"), vm.teacher(feats, mask, plane))
-    bad = VoteMIConfig(k=2, num_picks=2)
-    bad.feature_size = 0
-    with pytest.raises(ValueError, match=r"k, num_picks and feature_size must be >= 1"):
-        VoteMI(bad)
+    VoteMI(VoteMIConfig(k=1, num_picks=1, feature_size=1))  # the smallest valid sizes
+    for key in ("k", "num_picks", "feature_size"):
+        bad = VoteMIConfig(k=2, num_picks=2)
+        setattr(bad, key, 0)  # changed after the config's own check
+        with pytest.raises(ValueError, match=r"k, num_picks and feature_size must be >= 1"):
+            VoteMI(bad)
+    one_empty = torch.tensor([[True] * 6, [False] * 6])
+    with pytest.raises(ValueError, match=r"^VoteMI: every image needs at least one real slice \(mask all False in a row\)$"):
+        vm.select(torch.randn(2, 6, 4), one_empty, torch.zeros(2, 6, dtype=torch.long))
     with pytest.raises(ValueError, match=r"expected features \[B, S, F\]"):
         vm.select(feats[0], mask, plane)
     with pytest.raises(ValueError, match=r"mask must be \[1, 6\]"):
         vm.select(feats, mask[:, :5], plane)
     with pytest.raises(ValueError, match=r"slice_plane must be in 0..2, got 3"):
         vm.select(feats, mask, torch.full((1, 6), 3))
+
+
+def test_each_plane_votes_on_its_own_centred_features() -> None:
+    # the axial slices sit far from the origin: centred on their own mean they vote as HAND does
+    feats = torch.cat([HAND - HAND.mean(0) + 5.0, torch.randn(4, 2)])[None]
+    plane = torch.tensor([[0] * 5 + [1] * 4])
+    res = VoteMI(VoteMIConfig(k=2, num_picks=2)).select(feats, torch.ones(1, 9, dtype=torch.bool), plane)[0]
+    ref = vote_k(HAND, 2, 2)
+    assert res["axial"].votes[:5].tolist() == ref.votes.tolist() and res["axial"].picks == ref.picks
+
+
+def test_teacher_from_default_mode_and_a_result_without_mask() -> None:
+    r = vote_k(HAND, 2, 2)
+    torch.testing.assert_close(teacher_from(r, 5), teacher_from(r, 5, "picks"))
+    bare = VoteResult(picks=[4], votes=torch.tensor([1.0, 2, 1, 2, 4], dtype=torch.float64),
+                      covered=torch.zeros(5, dtype=torch.float64), coverage=1.0)  # mask None: all real
+    torch.testing.assert_close(teacher_from(bare, 5, "picks", eps=0.5), torch.tensor([0.1, 0.1, 0.1, 0.1, 0.6]))
 
 
 def test_votek_selector_teacher_matches_vote_mi_and_off_gives_none() -> None:
@@ -162,7 +185,7 @@ def test_plane_groups_and_real_mask() -> None:
         real_mask(plane, mask[:4])
     with pytest.raises(ValueError, match=r"plane and mask must both be \[S\]"):
         real_mask(plane[None], mask[None])
-    with pytest.raises(ValueError, match=r"no real slice \(mask all False\)"):
+    with pytest.raises(ValueError, match=r"^selector: no real slice \(mask all False\)$"):
         real_mask(plane, torch.zeros(5, dtype=torch.bool))
 
 
