@@ -24,6 +24,7 @@ from medvlm3d.data.select.votek import (
     VoteMI,
     VoteResult,
     intensity_features,
+    knn_votes,
     select_slices,
     teacher_from,
     vote_k,
@@ -70,8 +71,12 @@ def test_intensity_features_smallest_sizes_work() -> None:
 
 def test_vote_k_coverage_and_covered_by_hand() -> None:
     # k=1 votes: 0->1, 1->0, 2->3, 3->2, 4->1; one pick: 1 (two votes), its voters 0 and 4
+    assert knn_votes(HAND, 1).dtype == torch.bool
     r = vote_k(HAND, 1, 1)
     assert r.picks == [1] and r.gains == [2.0]
+    # one pick: its weight sums to 1, still the picks teacher (not the uniform fallback)
+    torch.testing.assert_close(teacher_from(r, 5, "picks", eps=0.5, weighting="inverse"),
+                               torch.tensor([0.1, 0.6, 0.1, 0.1, 0.1]))
     assert r.covered.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0]
     assert r.coverage == pytest.approx(0.6)  # 1 picked, 0 and 4 vote for it
     masked = vote_k(torch.cat([HAND, torch.ones(1, 2)]), 1, 1, mask=torch.tensor([True] * 5 + [False]))
