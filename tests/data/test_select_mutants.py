@@ -227,9 +227,15 @@ def test_simple_selector_reads_teacher_and_seed() -> None:
 
 
 def test_vote_mi_config_messages() -> None:
-    with pytest.raises(ConfigError, match="features=encoder is no longer supported"):
+    with pytest.raises(ConfigError, match=r"^vote_mi\.features=encoder is no longer supported: slice selection "
+                       r"runs on the data side, before the slice encoder, so it cannot use encoder features; "
+                       r"use vote_mi\.features=intensity$"):
         VoteMIConfig(features="encoder")
+    with pytest.raises(ConfigError, match=r"^vote_mi\.teacher must be one of \['off', 'votes', 'picks'\], got 'soft'$"):
+        VoteMIConfig(teacher="soft")
+    with pytest.raises(ConfigError, match=r"^vote_mi\.features must be one of \['intensity'\], got 'hog'$"):
+        VoteMIConfig(features="hog")
     for kw in ({"k": 0}, {"num_picks": 0}):
-        with pytest.raises(ConfigError, match=r"vote_mi.k and vote_mi.num_picks must be >= 1"):
+        with pytest.raises(ConfigError, match=r"^vote_mi\.k and vote_mi\.num_picks must be >= 1$"):
             VoteMIConfig(**kw)
     assert VoteMIConfig(k=1, num_picks=1).k == 1
