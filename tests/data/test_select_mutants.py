@@ -135,11 +135,14 @@ def test_vote_mi_checks_and_modes() -> None:
 
 
 def test_each_plane_votes_on_its_own_centred_features() -> None:
-    # the axial slices sit far from the origin: centred on their own mean they vote as HAND does
-    feats = torch.cat([HAND - HAND.mean(0) + 5.0, torch.randn(4, 2)])[None]
+    # the axial slices sit off the origin: centred on their own mean (not the volume's, not a
+    # scalar) they vote as HAND centred does
+    centred = HAND - HAND.mean(0)
+    feats = torch.cat([centred + torch.tensor([-2.0, 3.0]), torch.randn(4, 2)])[None]
     plane = torch.tensor([[0] * 5 + [1] * 4])
     res = VoteMI(VoteMIConfig(k=2, num_picks=2)).select(feats, torch.ones(1, 9, dtype=torch.bool), plane)[0]
-    ref = vote_k(HAND, 2, 2)
+    ref = vote_k(centred, 2, 2)
+    assert ref.votes.tolist() != vote_k(centred + torch.tensor([-4.0, 6.0]), 2, 2).votes.tolist()
     assert res["axial"].votes[:5].tolist() == ref.votes.tolist() and res["axial"].picks == ref.picks
 
 
