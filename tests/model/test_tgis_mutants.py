@@ -256,3 +256,48 @@ def test_volume_normalised_single_slice_and_tiny_spread() -> None:
     c = volume_normalised(z, torch.ones(1, 2, dtype=torch.bool))
     assert c.abs().max().item() == pytest.approx(0.5, rel=1e-6)
     assert math.isfinite(c.abs().max().item())
+
+
+# --------------------------------------------------------------------------------------------
+# TGIS: constructor edges, messages, score dropout, dtypes
+
+
+def test_smallest_widths_and_top_k_message() -> None:
+    TGIS(TGISConfig(), 1, 1)  # width 1 is a valid head
+    cfg = TGISConfig()
+    cfg.top_k = -1  # changed after the config's own check
+    with pytest.raises(ValueError, match=r"^TGIS: tgis\.top_k must be >= 0, got -1$"):
+        TGIS(cfg, D, DT)
+
+
+@pytest.mark.parametrize("key", ["slice_pos", "slice_plane", "mask"])
+def test_shape_messages_name_the_input(key: str) -> None:
+    inp = tgis_inputs(b=2, s=3)
+    inp[key] = inp[key][:, :2]
+    with pytest.raises(ValueError, match=rf"^TGIS: {key} must be \[2, 3\], got \(2, 2\)$"):
+        TGIS(TGISConfig(), D, DT)(**inp)
+
+
+def test_plane_range_message() -> None:
+    with pytest.raises(ValueError, match=r"^TGIS: slice_plane must be in 0\.\.2 on real slices$"):
+        TGIS(TGISConfig(), D, DT)(**{**tgis_inputs(), "slice_plane": torch.full((2, 3), 3)})
+
+
+def test_score_dropout_acts_on_the_fusion_in_training_only() -> None:
+    torch.manual_seed(5)
+    tg = TGIS(TGISConfig(score_dropout=0.5), D, DT)
+    inp = tgis_inputs(b=2, s=6)
+    ref = tg.eval()(**inp)
+    tg.train()
+    outs = [tg(**inp) for _ in range(4)]
+    for out in outs:
+        torch.testing.assert_close(out.scores, ref.scores)  # the scores stay undropped
+    assert any(not torch.allclose(out.z2d, ref.z2d) for out in outs)
+
+
+def test_head_dtypes_follow_the_layers_and_the_slice_tokens() -> None:
+    inp = tgis_inputs()
+    out = TGIS(TGISConfig(pos_embed=True), D, DT).double()(**inp)  # float32 inputs, a float64 head
+    assert out.z2d.dtype == torch.float32 and out.scores.dtype == torch.float32
+    out = TGIS(TGISConfig(), D, DT)(**{**inp, "v": inp["v"].bfloat16()})
+    assert out.z2d.dtype == torch.bfloat16
