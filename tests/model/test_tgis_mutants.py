@@ -301,3 +301,15 @@ def test_head_dtypes_follow_the_layers_and_the_slice_tokens() -> None:
     assert out.z2d.dtype == torch.float32 and out.scores.dtype == torch.float32
     out = TGIS(TGISConfig(), D, DT)(**{**inp, "v": inp["v"].bfloat16()})
     assert out.z2d.dtype == torch.bfloat16
+
+
+def test_config_accepts_every_choice_and_names_the_key() -> None:
+    for kw in ({"text_source": "hf"}, {"text_pooling": "cls"}, {"text_pooling": "pooler"}):
+        TGISConfig(**kw)
+    for kw, msg in (({"top_k": -1}, r"^tgis\.top_k must be >= 0, got -1$"),
+                    ({"text_source": "x"}, r"^tgis\.text_source must be one of"),
+                    ({"text_pooling": "x"}, r"^tgis\.text_pooling must be one of"),
+                    ({"score_dropout": 1.0}, r"^tgis\.score_dropout must be in \[0, 1\), got 1\.0$"),
+                    ({"score_dropout": 1.5}, r"^tgis\.score_dropout must be in")):
+        with pytest.raises(ValueError, match=msg):
+            TGISConfig(**kw)
