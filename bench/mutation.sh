@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Mutation testing of the loss, TG-IS, Vote-MI and checkpoint modules (setup.cfg [mutmut]), run
+# Mutation testing of the loss, TG-IS, slice-selector (Vote-MI) and checkpoint modules (setup.cfg [mutmut]), run
 # against their unit tests; prints the kill rate per module.
-#   bench/mutation.sh                      all four modules
+#   bench/mutation.sh                      all five modules
 #   bench/mutation.sh 'medvlm3d.train.losses*'   only the mutants whose names match (mutmut globs)
 # Needs the test extras (pip install -e '.[test]', which brings mutmut 3). Results stay in
 # mutants/ (git-ignored); `python bench/mutmut_run.py show <mutant>` prints one mutant's diff.
