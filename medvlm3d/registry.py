@@ -7,13 +7,15 @@ Each component module owns one `Registry` (e.g. `ENCODERS3D`) and registers its 
 
     ENCODERS3D.build("vit", cfg)
 
-An unknown name raises `ValueError` listing the registered names. Dispatch is by exact name
+An unknown name raises `ConfigError` (a `ValueError`) listing the registered names. Dispatch is by exact name
 only, never by substrings.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, TypeVar
+
+from medvlm3d.data.errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -36,7 +38,7 @@ class Registry:
 
     def get(self, name: str) -> Callable[..., Any]:
         if name not in self._builders:
-            raise ValueError(f"unknown {self.kind} {name!r}; registered: {sorted(self._builders)}")
+            raise ConfigError(f"unknown {self.kind} {name!r}; registered: {sorted(self._builders)}")
         return self._builders[name]
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
