@@ -23,6 +23,7 @@ Both normally come from `nltk.download`, which this package never calls. Instead
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -137,4 +138,5 @@ def ensure() -> None:
 
 if __name__ == "__main__":
     target = build(sys.argv[1] if len(sys.argv) > 1 else Path(sys.prefix) / "nltk_data")
-    print(f"NLTK data (WordNet 3.0, punkt_tab english) written to {target}")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger(__name__).info("NLTK data (WordNet 3.0, punkt_tab english) written to %s", target)
