@@ -5,28 +5,23 @@ attention, gradient checkpointing on vs off, peak memory, and inference latency 
     bash bench/gpu_bench.sh --dry-run             # the same code path on the CPU, tiny config, seconds
     python bench/gpu_bench.py --configs real_0p5b --batch 4 --steps 3 --cases sdpa-ckpt
 
-Every model is built from its shipped config with random weights (MedVLM(cfg, VocabStub):
-no tokenizer, no weights, nothing downloaded), in the config's `stage2_finetune` trainable
-policy (med2e3: its own `stages:` block, LLM and slice encoder trained in full; real_0p5b: LoRA
-LLM, frozen encoders). med2e3's TG-IS text feature comes from the LLM embeddings
-(`model.tgis.text_source=llm`): its BERT text tower needs a local model folder.
+Models are built from the shipped configs with random weights (MedVLM(cfg, VocabStub): no
+tokenizer, no weights, nothing downloaded) in the `stage2_finetune` policy (med2e3: its own
+`stages:` block, LLM + slice encoder trained in full; real_0p5b: LoRA LLM, frozen encoders).
+med2e3's TG-IS text feature comes from the LLM embeddings (`model.tgis.text_source=llm`): its BERT
+text tower needs a local folder. Four training cases per config, each a fresh model: attention
+sdpa / eager (`model.llm.attn_implementation`) x gradient checkpointing on / off (LLM and slice
+encoder). A step = forward (torch.autocast bf16 on cuda) + LM loss + backward + AdamW step
+(the recipe's `param_groups`) on a synthetic batch resident on the device (bench_memory.make_batch:
+B samples of num_visual_tokens + data.max_text_len tokens); `--warmup` untimed steps, then the
+median of `--steps`, each between torch.cuda.synchronize calls. Peak memory:
+torch.cuda.max_memory_allocated over the case (CPU: the process max RSS, monotonic). Inference
+(first case's model): one study, visual tokens + `--prompt-len` text tokens, generate's batch path
+(prepare_inputs + greedy llm.generate) held to exactly `--max-new-tokens`; median of 3 after 1.
 
-Per config, four training cases, each a freshly built model: attention `sdpa` / `eager`
-(`model.llm.attn_implementation`) x gradient checkpointing on / off (LLM and slice encoder
-together). A step is forward (torch.autocast bf16 on cuda) + LM loss + backward + AdamW step
-(`param_groups` of the training recipe) on a synthetic batch already on the device (the layout of
-bench/bench_memory.py's make_batch: B samples of num_visual_tokens + data.max_text_len tokens);
-`--warmup` steps untimed, then the median of `--steps` steps, each between torch.cuda.synchronize
-calls. Peak memory is torch.cuda.max_memory_allocated over the case (weights, optimizer states,
-activations); on the CPU it is the process's max RSS (monotonic over the run). Inference (first
-case's model, eval, sdpa): one study, a prompt of the visual tokens + `--prompt-len` text tokens,
-`model.generate`'s batch path (prepare_inputs + greedy llm.generate) forced to exactly
-`--max-new-tokens` new tokens; median of 3 after one warm-up.
-
-A case that runs out of memory is a row "OOM"; the run goes on. Rows print as soon as they are
-measured, and with $OUT set, $OUT/gpu_bench.md and $OUT/gpu_bench.json are rewritten after each
-row, so a run cut short still leaves the rows done. Exit 2: no CUDA device (without --dry-run or
---device cpu); exit 1: a case failed with an error other than OOM.
+An out-of-memory case is a row "OOM" and the run goes on. Rows print as they are measured; with
+$OUT set, $OUT/gpu_bench.md and .json are rewritten after each row. Exit 2: no CUDA device
+(without --dry-run / --device cpu) or medvlm3d not installed; 1: a case failed other than by OOM.
 """
 
 from __future__ import annotations
@@ -36,7 +31,6 @@ import copy
 import gc
 import math
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -49,6 +43,13 @@ from typing import Any
 import torch
 
 from bench_memory import make_batch  # bench/ is sys.path[0] when this file runs as a script
+
+try:
+    from medvlm3d.io import atomic_write_json, atomic_write_text
+    from medvlm3d.train.estimate import VocabStub
+except ImportError as e:
+    print(f"gpu_bench: cannot import medvlm3d ({e}); install it: python -m pip install --no-deps -e .", file=sys.stderr)
+    sys.exit(2)
 
 STAGE = "stage2_finetune"
 CASES = {"sdpa-ckpt": ("sdpa", True), "sdpa-no-ckpt": ("sdpa", False),
@@ -80,7 +81,7 @@ class Row:
     tflop_step: float = math.nan
     tflops: float = math.nan
     mfu_pct: float = math.nan
-    peak_gib: float = math.nan
+    peak_gib: float = math.nan  # cuda: max_memory_allocated; cpu: max RSS
 
 
 COLUMNS = [("config", "config"), ("case", "case"), ("attn", "attn"), ("ckpt", "ckpt"), ("batch", "batch"),
@@ -106,19 +107,14 @@ def table_line(r: Row) -> str:
 # ------------------------------------------------------------------------------------- the model
 
 
-def make_stub(n: int) -> Any:
-    from medvlm3d.train.estimate import VocabStub
+class DecodeStub(VocabStub):
+    """VocabStub + the batch_decode that generate_batch calls; remembers the generated length."""
 
-    class DecodeStub(VocabStub):
-        """VocabStub + the batch_decode generate_batch calls; remembers the generated length."""
+    new_tokens = 0
 
-        new_tokens = 0
-
-        def batch_decode(self, ids: torch.Tensor, skip_special_tokens: bool = True) -> list[str]:
-            self.new_tokens = int(ids.shape[1])  # inputs_embeds only: HF returns the new tokens alone
-            return [""] * int(ids.shape[0])
-
-    return DecodeStub(n)
+    def batch_decode(self, ids: torch.Tensor, skip_special_tokens: bool = True) -> list[str]:
+        self.new_tokens = int(ids.shape[1])  # inputs_embeds only: HF returns the new tokens alone
+        return [""] * int(ids.shape[0])
 
 
 def case_config(name: str, attn: str, ckpt: bool, extra: list[str]) -> Any:
@@ -136,7 +132,7 @@ def build(cfg: Any, device: torch.device, vocab: int) -> Any:
 
     torch.manual_seed(0)
     with torch.device(device):
-        model = MedVLM(cfg, make_stub(vocab), load_external_weights=False)
+        model = MedVLM(cfg, DecodeStub(vocab), load_external_weights=False)
     return model.to(device).train()
 
 
@@ -201,16 +197,12 @@ def autocast(device: torch.device, bf16: bool) -> Any:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def train_case(row: Row, model: Any, cfg: Any, vocab: int, args: argparse.Namespace, device: torch.device) -> None:
     """Fill `row` with the timed training steps of `model` (freshly built, peak stats just reset)."""
     from medvlm3d.train.memory import num_slices
     from medvlm3d.train.recipe import param_groups
 
-    batch = to_device(make_batch(model, cfg, row.batch, vocab), device)
+    batch = {k: v.to(device) for k, v in make_batch(model, cfg, row.batch, vocab).items()}
     row.seq = int(batch["input_ids"].shape[1])
     opt = torch.optim.AdamW(param_groups(model, model, cfg), lr=cfg.train.lr)
     times = []
@@ -246,8 +238,7 @@ def infer_case(row: Row, model: Any, cfg: Any, vocab: int, args: argparse.Namesp
     fields = make_batch(model, short, 1, vocab)
     fields["attention_mask"] = torch.ones_like(fields["attention_mask"])  # one study: no padding
     fields.pop("labels")
-    s = fields["slices"].shape[1]
-    fields["slice_index"] = torch.arange(s)[None]
+    fields["slice_index"] = torch.arange(fields["slices"].shape[1])[None]
     batch = Batch.from_dict(fields).to(device)
     row.seq = int(batch.input_ids.shape[1])
     gen = unwrap_base(model.llm).generation_config
@@ -279,13 +270,14 @@ def is_oom(e: BaseException) -> bool:
 
 
 def attempt(row: Row, fn: Any) -> bool:
-    """Run fn(); an out-of-memory error marks `row` OOM, any other error marks it (traceback on
-    stderr). True when fn returned."""
+    """Run fn(); True when it returned. An out-of-memory error marks `row` OOM, any other error
+    marks it "error: ..." (traceback on stderr): one failed case does not end the benchmark."""
     try:
         fn()
         return True
-    except Exception as e:  # noqa: BLE001 - one failed case must not end the benchmark
-        row.status = "OOM" if is_oom(e) else f"error: {type(e).__name__}: {str(e)[:80]}"
+    except Exception as e:  # noqa: BLE001
+        why = " ".join(str(e).replace("|", "/").split())[:80]
+        row.status = "OOM" if is_oom(e) else f"error: {type(e).__name__}: {why}"
         if not is_oom(e):
             traceback.print_exc()
         return False
@@ -320,7 +312,7 @@ def run_case(name: str, case: str, with_infer: bool, args: argparse.Namespace, d
 def header(args: argparse.Namespace, device: torch.device) -> str:
     import transformers
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     prec = "bf16 autocast" if args.bf16 else "fp32"
     return (f"# GPU benchmark: {', '.join(args.configs)}\n\n"
             f"device {name}; torch {torch.__version__}, transformers {transformers.__version__}; {prec}; "
@@ -334,7 +326,8 @@ def footer(args: argparse.Namespace) -> str:
             "Train rows: s/step = forward + backward + AdamW step, batch resident on the device (no data "
             "loading); tokens/s = batch x seq / step. Infer rows: s/study = prepare_inputs (encoders, TG-IS) "
             "+ greedy generate; tokens/s = new tokens / s. peak GiB: torch.cuda.max_memory_allocated per "
-            "case (CPU: process max RSS). Inference runs on the first case's model before its training.\n")
+            "case (CPU: process max RSS). Inference runs on the first case's model before its training. "
+            f"LM vocabulary by arch {VOCAB} (--vocab); config overrides {EXTRA}.\n")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -369,12 +362,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    try:
-        import medvlm3d.model.medvlm  # noqa: F401
-    except ImportError as e:
-        print(f"gpu_bench: cannot import medvlm3d ({e}); install it: python -m pip install --no-deps -e .",
-              file=sys.stderr)
-        return 2
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("gpu_bench: no CUDA device visible (torch.cuda.is_available() is False). Run on a GPU machine, "
@@ -387,8 +374,6 @@ def main(argv: list[str] | None = None) -> int:
     print(head + "\n" + table_head(), flush=True)
 
     def emit(row: Row) -> None:
-        from medvlm3d.io import atomic_write_json, atomic_write_text
-
         rows.append(row)
         print(table_line(row), flush=True)
         if out is not None:
@@ -407,8 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             run_case(name, case, i == 0 and args.max_new_tokens > 0, args, device, emit)
     print(footer(args), flush=True)
-    print(f"total {time.monotonic() - start:.0f} s" + (f"; table in {out / 'gpu_bench.md'}" if out else ""),
-          flush=True)
+    print(f"total {time.monotonic() - start:.0f} s" + (f"; table in {out / 'gpu_bench.md'}" if out else ""))
     return 1 if any(r.status.startswith("error") for r in rows) else 0
 
 
