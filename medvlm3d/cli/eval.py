@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "slice-selection protocol")
     p.add_argument("--support", default=None,
                    help="voteMI: labelled support set (default: the other studies of --data)")
-    p.add_argument("--k-slices", type=int, default=3, help="voteMI: slices kept per plane (default 3)")
+    p.add_argument("--k-slices", type=int, default=None,
+                   help="voteMI: slices kept per plane (default: 3; a 2d_only model: vote_mi.num_picks / planes)")
     p.add_argument("--shots", type=int, nargs="+", default=[0, 2], help="voteMI: in-context examples (default 0 2)")
 
 
