@@ -8,8 +8,10 @@ paper's table:
     random      k random slices per plane             a seeded random sample of the support set
     vote_mi     the k Vote-MI slices per plane        vote-k's picks over the support set
     tgis        all slices, weighted by TG-IS         vote-k's picks (only for a model with TG-IS)
+  with cross=True also random slices + vote-k examples and Vote-MI slices + random examples, which
+  separate what slice selection and example selection each add.
 
-    fewshot_table(model, records, support=None, k_slices=None, shots=(0, 2), seed=0, ...) -> rows
+    fewshot_table(model, records, support=None, k_slices=None, shots=(0, 2), seed=0, cross=False, ...) -> rows
         row = {"selection", "slices", "examples": "random" | "vote_k", "annotated": [support ids],
                "n", "kept_slices": [slices seen per record (None = all)],
                "accuracy": {"<s>-shot": float}, "balanced_accuracy": {...}, "unparsed": {...}}
@@ -59,7 +61,8 @@ from .runner import (LABEL_QUESTION, NO_LABEL, classify_record, eval_dataset, fo
 log = logging.getLogger(__name__)
 
 SELECTIONS = ("random", "vote_mi", "tgis")
-EXAMPLES = {"random": "random", "vote_mi": "vote_k", "tgis": "vote_k"}  # how each row annotates its support
+ROWS = (("random", "random"), ("vote_mi", "vote_k"), ("tgis", "vote_k"))  # (slices, how the support is annotated)
+CROSS = (("random", "vote_k"), ("vote_mi", "random"))
 _SELECTORS = {"random": "random", "vote_mi": "votek"}  # registered selectors (data/select/)
 EMBEDDINGS = ("encoder", "intensity")
 _IMAGE_KEYS = ("volume", "slices", "slice_plane", "slice_index", "slice_pos", "slice_target", "teacher",
@@ -218,6 +221,7 @@ def fewshot_table(
     max_new_tokens: int | None = None,
     label_question: str = LABEL_QUESTION,
     progress: bool = False,
+    cross: bool = False,
 ) -> list[dict[str, Any]]:
     """Rows for random / Vote-MI / TG-IS slices, accuracies at each shot count (module docstring)."""
     from .metrics import classification_metrics
@@ -239,15 +243,15 @@ def fewshot_table(
         budget = min(len(sup_samples), max(shots) + (1 if support is None else 0))  # one spare: leave-one-out
         emb = study_embeddings(model, sup_samples, embedding)
         annotated = {h: annotate_support(emb, budget, h, seed, model.cfg.model.vote_mi.k) for h in annotated}
-    rows = [_row(model, sel, samples, sup_samples, sup_images, annotated[EXAMPLES[sel]], k, shots, seed, labels,
+    rows = [_row(model, sel, how, samples, sup_samples, sup_images, annotated[how], k, shots, seed, labels,
                  batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress, metrics=classification_metrics)
-            for sel in SELECTIONS if sel != "tgis" or model.tgis is not None]
+            for sel, how in ROWS + (CROSS if cross else ()) if sel != "tgis" or model.tgis is not None]
     if model.tgis is None:
         log.info("few-shot protocol: no TG-IS in a %s model, no tgis row", model.variant)
     return rows
 
 
-def _row(model: Any, sel: str, samples: list[dict], sup_samples: list[dict], sup_images: list[str],
+def _row(model: Any, sel: str, how: str, samples: list[dict], sup_samples: list[dict], sup_images: list[str],
          annotated: list[int], k: int, shots: Sequence[int], seed: int, labels: list[str], *, batch_size: int,
          max_new_tokens: int | None, progress: bool, metrics: Any) -> dict[str, Any]:
     """One row: the queries and their examples seen through `sel`'s slices, at each shot count."""
@@ -262,7 +266,7 @@ def _row(model: Any, sel: str, samples: list[dict], sup_samples: list[dict], sup
     ex_seen = {j: queries[j][0] if offset == 0 else seen(sup_samples[j], offset + j)[0] for j in annotated}
     row: dict[str, Any] = {
         "selection": sel, "slices": "all (TG-IS)" if sel == "tgis" else f"{k} per plane",
-        "examples": EXAMPLES[sel], "annotated": [sup_samples[j]["id"] for j in annotated], "n": len(samples),
+        "examples": how, "annotated": [sup_samples[j]["id"] for j in annotated], "n": len(samples),
         "kept_slices": [q[1] for q in queries], "accuracy": {}, "balanced_accuracy": {}, "unparsed": {}}
     y_true = [s["record"]["answer"] for s in samples]
     for n_shots in shots:
@@ -291,7 +295,7 @@ def format_fewshot_table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as a table: accuracy and balanced accuracy per shot count, and the gain in
     accuracy points over the random row; then what differs from the paper."""
     keys = list(rows[0]["accuracy"])
-    base = next((r for r in rows if r["selection"] == "random"), rows[0])["accuracy"]
+    base = next((r for r in rows if (r["selection"], r["examples"]) == ROWS[0]), rows[0])["accuracy"]
     headers = ["slices", "seen", "examples"] + [f"{k} {m}" for k in keys for m in ("acc", "bal.acc", "gain")]
     body = [[r["selection"], r["slices"], r["examples"]] + [x for k in keys for x in (
         r["accuracy"][k], r["balanced_accuracy"][k], f"{100 * (r['accuracy'][k] - base[k]):+.1f}")] for r in rows]

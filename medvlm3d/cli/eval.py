@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="voteMI: labelled support set (default: the other studies of --data)")
     p.add_argument("--k-slices", type=int, default=None,
                    help="voteMI: slices kept per plane (default: 3; a 2d_only model: vote_mi.num_picks / planes)")
+    p.add_argument("--cross", action="store_true",
+                   help="voteMI: also random slices + vote-k examples and Vote-MI slices + random examples")
     p.add_argument("--shots", type=int, nargs="+", default=[0, 2], help="voteMI: in-context examples (default 0 2)")
 
 
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
         support = read_eval_records(args.support, model.cfg.data, "classify") if args.support else None
         rows = fewshot_table(model, task_records(records, "classify")[: args.limit], support, k_slices=args.k_slices,
-                             shots=tuple(args.shots), seed=args.seed, batch_size=args.batch_size,
+                             shots=tuple(args.shots), seed=args.seed, cross=args.cross, batch_size=args.batch_size,
                              max_new_tokens=args.max_new_tokens)
         atomic_write_json(out / "fewshot.json", rows)
         print(format_fewshot_table(rows))

@@ -180,10 +180,12 @@ def test_fewshot_table_three_rows(model: Any, phantom_records: list[dict]) -> No
 def test_cli_vote_mi_protocol(model: Any, phantom_manifest: Path, tmp_path: Path, capsys) -> None:
     model.save_pretrained(str(tmp_path / "ckpt"))  # 2e3: the three rows
     rc = main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(phantom_manifest), "--task", "classify",
-               "--protocol", "voteMI", "--k-slices", "2", "--shots", "0", "1", "--out", str(tmp_path / "fs")])
+               "--protocol", "voteMI", "--k-slices", "2", "--shots", "0", "1", "--cross", "--out", str(tmp_path / "fs")])
     out = capsys.readouterr().out
     assert rc == 0 and "Vote-MI protocol" in out and "1-shot acc" in out
     lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("Vote-MI protocol"))
-    assert [line.split()[0] for line in lines[start + 3 : start + 6]] == ["random", "vote_mi", "tgis"]
+    table = [line.split() for line in lines[start + 3 : start + 8]]
+    assert [(r[0], r[-7]) for r in table] == [("random", "random"), ("vote_mi", "vote_k"), ("tgis", "vote_k"),
+                                             ("random", "vote_k"), ("vote_mi", "random")]  # --cross: 2 more rows
     assert (tmp_path / "fs" / "fewshot.json").is_file()
