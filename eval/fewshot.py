@@ -60,7 +60,6 @@ from .runner import (LABEL_QUESTION, NO_LABEL, classify_record, eval_dataset, fo
 
 log = logging.getLogger(__name__)
 
-SELECTIONS = ("random", "vote_mi", "tgis")
 ROWS = (("random", "random"), ("vote_mi", "vote_k"), ("tgis", "vote_k"))  # (slices, how the support is annotated)
 CROSS = (("random", "vote_k"), ("vote_mi", "random"))
 _SELECTORS = {"random": "random", "vote_mi": "votek"}  # registered selectors (data/select/)
