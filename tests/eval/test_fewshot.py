@@ -118,9 +118,16 @@ def test_2d_only_sees_exactly_the_selected_slices(tiny_cfg: Any, phantom_records
     keep = keep_slices(m2d, s, "random", 3, 0)
     seen = restrict_sample(m2d, s, keep)
     assert seen["slice_keep"].tolist() == [[0, 1, 2]] and seen["slice_index"][0].tolist() == keep[0].tolist()
-    rows = fewshot_table(m2d, phantom_records, shots=(0, 1), batch_size=6)
+    # brainmd_votemi's layout: three planes, num_picks 6 -> 2 slices per plane
+    m3p = build_model(tiny_cfg("model.variant=2d_only", "data.planes=[axial,coronal,sagittal]",
+                               "model.vote_mi.num_picks=6", "eval.max_new_tokens=2"))
+    assert slices_per_plane(m3p, None) == 2
+    s3 = eval_dataset(m3p, [classify_record(r, label_set(recs)) for r in recs[:1]], "vqa_closed")[0]
+    seen = restrict_sample(m3p, s3, keep_slices(m3p, s3, "vote_mi", 2, 0))
+    assert seen["slice_plane"][0].bincount().tolist() == [2, 2, 2] and seen["slice_keep"][0].tolist() == list(range(6))
+    rows = fewshot_table(m3p, phantom_records, shots=(0, 1), batch_size=6)
     assert [r["selection"] for r in rows] == ["random", "vote_mi"]  # no TG-IS in a 2d_only model
-    assert rows[0]["kept_slices"] == [3] * 6
+    assert rows[0]["kept_slices"] == [6] * 6
 
 
 def test_examples_carry_their_restricted_images_and_vote_k_runs_once(model: Any, phantom_records: list[dict],
