@@ -9,6 +9,7 @@ from medvlm3d.data.formats.ct_rate import CT_RATE_LABELS
 
 from .findings import ct_rate_findings
 from .metrics import coco_caption_metrics, findings_prf
+from .metrics.ctrate_classifier import classifier_labels
 from .protocols import Rows, _refs, protocol
 
 TEXT = ("bleu1", "rouge1", "meteor", "bertscore")
@@ -55,37 +56,15 @@ def coco() -> None:
     tokenizer, BLEU-1..4, METEOR-1.5 jar, ROUGE-L, CIDEr-D, corpus level (no per-sample means)."""
 
 
-def _classifier_labels(folder: str, texts: list[str], device: str = "cpu") -> list[dict[str, int]]:
-    """Multi-label predictions (sigmoid > 0.5) of a local text classifier whose id2label names the
-    18 CT-RATE labels."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True).to(device).eval()
-    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    missing = [n for n in CT_RATE_LABELS if n not in names]
-    if missing:
-        from medvlm3d.data.errors import ConfigError
-
-        raise ConfigError(f"ctrate_classifier {folder!r}: id2label lacks CT-RATE labels {missing[:3]}")
-    out = []
-    for start in range(0, len(texts), 16):
-        enc = tok(texts[start:start + 16], padding=True, truncation=True, max_length=512, return_tensors="pt")
-        with torch.no_grad():
-            probs = torch.sigmoid(model(**enc.to(device)).logits.float()).cpu()
-        out += [{n: int(p[names.index(n)] > 0.5) for n in CT_RATE_LABELS} for p in probs]
-    return out
-
-
 def _ctrate_ce(preds: list[str], recs: Rows, *, ctrate_classifier: str | None = None, device: str = "cpu",
                **_: Any) -> tuple[dict, list[str]]:
     if ctrate_classifier:
-        extract = lambda texts: _classifier_labels(ctrate_classifier, texts, device)  # noqa: E731
+        extract = lambda texts: classifier_labels(ctrate_classifier, texts, device)  # noqa: E731
         used = f"classifier {ctrate_classifier}"
     else:
         extract = lambda texts: [ct_rate_findings(t) for t in texts]  # noqa: E731
-        used = "keywords (eval/findings.py rules, an approximation of CT-RATE's classifier)"
+        used = ("keywords (eval/findings.py rules, an approximation, not CT-RATE's classifier: pass "
+                "ctrate_classifier=<folder> for numbers comparable to the papers)")
     if all(set(CT_RATE_LABELS) <= set(r.get("labels") or {}) for r in recs):
         ref_labels, ref_from = [r["labels"] for r in recs], "the dataset's labels"
     else:
@@ -98,7 +77,8 @@ def _ctrate_ce(preds: list[str], recs: Rows, *, ctrate_classifier: str | None = 
 @protocol((), "micro and macro over the 18 labels", corpus=_ctrate_ce)
 def ctrate_ce() -> None:
     """CT-RATE clinical efficacy: the 18 CT-RATE abnormality labels read from each generated report
-    by a local text classifier (option ctrate_classifier=<folder>, id2label naming the labels, as
-    CT-RATE's report classifier) or, without one, by keyword rules (eval/findings.py); precision,
-    recall, F1 micro and macro over labels against the dataset's labels (or the references'). The
-    output says which extractor was used."""
+    by a local text classifier (option ctrate_classifier=<folder>, id2label naming the labels: CT-CLIP's
+    RadBERT classifier, a label is 1 at sigmoid >= 0.5; eval/metrics/ctrate_classifier.py) or, without
+    one, by keyword rules (eval/findings.py); precision, recall, F1 micro and macro over labels
+    (sklearn, as CT-CLIP's f1_score) against the dataset's labels (or the references', same
+    extractor). The output says which extractor was used."""

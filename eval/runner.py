@@ -17,14 +17,20 @@ training path: same prompt text, same volume loading with the record's CT rescal
 `slice_targets`, same data-side slice selection). Generation is `generate_batch` (greedy,
 `cfg.eval`) on the samples' own image tensors, the path `model.generate` takes too.
 
+Protocol: each task's predictions are scored under a registered protocol (eval/protocols.py;
+TASK_PROTOCOL: report -> m3d_cap, vqa_closed -> m3d_vqa_closed, vqa_open -> m3d_vqa_open,
+classify -> none; `protocol=` picks another) by eval/score.py's `score_predictions`, the code
+`medvlm3d score` runs on a predictions file: result["protocol"] is its summary, per_sample.jsonl
+its per-sample rows, so `medvlm3d score` on this run's predictions.jsonl gives the same numbers.
+
 Metrics: the registered metrics (eval/metrics/) named per task in TASK_METRICS, or in the run
-config's `eval.metrics` ({task: [names]}, replacing that task's list), merged in order. By
-default: report -> M3D text metrics ("m3d"), COCO-caption metrics ("coco"),
+config's `eval.metrics` ({task: [names]}, replacing that task's list), merged in order, for what
+the protocol does not report. By default: report -> COCO-caption metrics ("coco"),
 and clinical efficacy with the "phantom" extractor when every record carries phantom ground
 truth (`labels.lesion` and `meta.n_lesions`) or "ct_rate" when every record carries the 18
 CT-RATE `labels` ("clinical_efficacy": extracted from generated vs reference reports; for
 CT-RATE also "labels_prf": extracted from generated reports vs the dataset's 18 labels);
-vqa_closed -> `closed_vqa_accuracy` by question type; vqa_open -> `open_vqa_metrics`; classify ->
+vqa_closed and vqa_open -> none (the protocol has them); classify ->
 `classification_metrics` (a prediction names the label whose "<letter>." appears first, else
 whose text appears first; "unparsed" counts the rest; no scores, so no AUROC).
 
@@ -54,6 +60,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medvlm3d.data.errors import ConfigError, DataError
+from medvlm3d.io import atomic_write_text
 
 from .metrics.base import run_metrics
 from .metrics.classify import NO_LABEL, parse_choice, report_extractor  # noqa: F401  (eval/fewshot.py, tests)
@@ -70,6 +77,7 @@ class EvalConfig:
     bertscore_model: str = ""  # a local model folder (roberta-large for evaluate's lang="en"); "" = skipped
     bertscore_layers: int = 0  # hidden layer; 0 = bert_score's table for the model (roberta-large: 17)
     bertscore_rescale: bool = False  # bert-score's baseline rescaling (off, as evaluate's default)
+    ctrate_classifier: str = ""  # protocol ctrate_ce: a local CT-RATE label classifier folder; "" = keywords
     # {task: [metric names]} replacing TASK_METRICS for that task; names are registered in
     # eval/metrics/ (checked when scoring: plugins may add one)
     metrics: dict[str, list[str]] = field(default_factory=dict)
@@ -82,12 +90,16 @@ PROMPT_TASK = {"report": "report", "vqa_closed": "vqa_closed", "vqa_open": "vqa_
 # The registered metrics (eval/metrics/) each task reports, merged in this order; `eval.metrics`
 # in the run config ({task: [names]}) replaces a task's list.
 TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "report": ("m3d", "coco", "clinical_efficacy", "labels_prf"),
-    "vqa_closed": ("closed_vqa_accuracy",),
-    "vqa_open": ("open_vqa",),
+    "report": ("coco", "clinical_efficacy", "labels_prf"),
+    "vqa_closed": (),
+    "vqa_open": (),
     "classify": ("classification",),
 }
-HEADLINE = {"report": ("m3d", "bleu1"), "vqa_closed": ("accuracy",), "vqa_open": ("bleu1",), "classify": ("accuracy",)}
+# The protocol (eval/protocols.py) each task is scored under, through eval/score.py.
+TASK_PROTOCOL: dict[str, str | None] = {"report": "m3d_cap", "vqa_closed": "m3d_vqa_closed",
+                                        "vqa_open": "m3d_vqa_open", "classify": None}
+HEADLINE = {"report": ("protocol", "metrics", "bleu1"), "vqa_closed": ("protocol", "metrics", "closed_vqa_accuracy"),
+            "vqa_open": ("protocol", "metrics", "bleu1"), "classify": ("metrics", "accuracy")}
 LABEL_QUESTION = "Which label best describes this scan?"
 LETTERS = "ABCDEFGHIJ"
 _RESCALE_KEYS = ("rescale_slope", "rescale_intercept", "RescaleSlope", "RescaleIntercept", "slope", "intercept")
@@ -238,20 +250,19 @@ def score_task(task: str, preds: list[str], refs: list[str], recs: list[dict[str
 
 
 def headline(result: dict[str, Any]) -> tuple[str, float]:
-    """(name, value) of the task's main number, e.g. ("accuracy", 0.62) for vqa_closed."""
-    value: Any = result["metrics"]
-    for key in HEADLINE[result["task"]]:
+    """(name, value) of the task's main number, e.g. ("closed_vqa_accuracy", 0.62) for vqa_closed
+    (from the default protocol's summary; ConfigError when the run used another protocol)."""
+    value: Any = result
+    path = HEADLINE[result["task"]]
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            raise ConfigError(f"eval result of task {result['task']!r} has no {'/'.join(path)} (protocol "
+                              f"{(result.get('protocol') or {}).get('protocol')!r})")
         value = value[key]
-    return "/".join(HEADLINE[result["task"]]), float(value)
+    return path[-1], float(value)
 
 
 # ---------------------------------------------------------------------------------- evaluate
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    from medvlm3d.io import atomic_write_text
-
-    atomic_write_text(path, text)
 
 
 def evaluate(
@@ -269,9 +280,12 @@ def evaluate(
     max_new_tokens: int | None = None,
     label_question: str = LABEL_QUESTION,
     coco_tokenizer: str = "ptb",
+    protocol: str | None = "auto",
 ) -> dict[str, Any]:
-    """Run `task` over `records` (see the module docstring); writes predictions.jsonl and
-    metrics.json into `out_dir` when given. Returns {"task", "n", "blind", "metrics", "tgis_slice_mass"}."""
+    """Run `task` over `records` (see the module docstring); writes predictions.jsonl, metrics.json
+    and (with a protocol) per_sample.jsonl into `out_dir` when given. `protocol`: "auto" =
+    TASK_PROTOCOL[task], None = none, or a registered name. Returns {"task", "n", "blind",
+    "metrics", "protocol" (summary or None), "tgis_slice_mass"}."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
     if limit is not None and limit < 1:
@@ -301,21 +315,33 @@ def evaluate(
                 row["slice_mass"] = mass["mass"]
                 masses.append(mass)
         rows.append(row)
+    ecfg = model.cfg.eval
+    options = dict(coco_tokenizer=coco_tokenizer, bertscore_model=ecfg.bertscore_model or None,
+                   bertscore_layers=ecfg.bertscore_layers or None, bertscore_rescale=ecfg.bertscore_rescale, device=str(model.device))
     metrics = score_task(task, [r["prediction"] for r in rows], [r["reference"] for r in rows], items, meteor=meteor,
-                         coco_tokenizer=coco_tokenizer, bertscore_model=model.cfg.eval.bertscore_model or None,
-                         metrics=getattr(model.cfg.eval, "metrics", None),
-                         bertscore_layers=model.cfg.eval.bertscore_layers or None,
-                         bertscore_rescale=model.cfg.eval.bertscore_rescale)
+                         metrics=getattr(ecfg, "metrics", None), **options)
+    name = TASK_PROTOCOL[task] if protocol == "auto" else protocol
+    summary, per_sample = None, []
+    if name:
+        from .score import score_predictions  # eval/score.py imports this module
+
+        summary, per_sample = score_predictions(name, {r["id"]: r["prediction"] for r in rows}, items,
+                                                ctrate_classifier=ecfg.ctrate_classifier or None, **options)
     mass_summary = None
     if masses:
         mass_summary = {k: sum(m[k] for m in masses) / len(masses) for k in ("mass", "uniform", "top1_hit")}
         mass_summary["n"] = len(masses)
-    result = {"task": task, "n": len(rows), "blind": blind, "metrics": metrics, "tgis_slice_mass": mass_summary}
+    result = {"task": task, "n": len(rows), "blind": blind, "metrics": metrics, "protocol": summary,
+              "tgis_slice_mass": mass_summary}
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        _write_atomic(out / "metrics.json", json.dumps(result, indent=2) + "\n")
+        atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")
+        if summary is not None:
+            from .score import write_per_sample
+
+            write_per_sample(out / "per_sample.jsonl", per_sample)
         log.info("wrote %s and %s", out / "predictions.jsonl", out / "metrics.json")
     return result
 
@@ -342,12 +368,18 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def metrics_table(result: dict[str, Any]) -> str:
-    """The metrics of an `evaluate` result as a two-column table (per-label details left out)."""
-    rows = list(_flatten(result["metrics"]))
+    """The protocol's and the other metrics of an `evaluate` result as a two-column table
+    (per-label details left out), then the protocol's notes."""
+    summary = result.get("protocol")
+    rows = list(_flatten(summary["metrics"])) if summary else []
+    rows += list(_flatten(result["metrics"]))
     if result.get("tgis_slice_mass"):
         rows += [(f"tgis_slice_mass/{k}", v) for k, v in result["tgis_slice_mass"].items()]
     title = f"eval {result['task']}: {result['n']} records{' (image-blind control)' if result['blind'] else ''}"
-    return title + "\n" + format_table(rows, ["metric", "value"])
+    if summary:
+        title += f"; protocol {summary['protocol']} ({summary['aggregation']})"
+    notes = "".join(f"\nnote: {n}" for n in (summary or {}).get("notes", []))
+    return title + "\n" + format_table(rows, ["metric", "value"]) + notes
 
 
 # ------------------------------------------------------------------------------ command line

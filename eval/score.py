@@ -6,9 +6,13 @@
         image files are not checked: scoring needs only the texts)
     align(preds, records, allow_missing=False) -> (predictions [M], records [M], missing counts)
         DataError listing the first few ids missing on either side unless allow_missing
+    score_predictions(protocol, preds {id: prediction}, records, allow_missing=False, **options)
+        -> (summary (eval/protocols.py's, plus "missing"), per-sample rows): the in-memory core,
+        what `medvlm3d score` and `medvlm3d eval` (eval/runner.py `evaluate`) both call
     score_files(protocol, pred, ref, out=None, allow_missing=False, kind="auto", split=None,
-                **options) -> summary (eval/protocols.py's, plus "missing", "pred", "ref")
+                **options) -> summary (score_predictions's, plus "pred", "ref")
         writes out/metrics.json and out/per_sample.jsonl when `out` is given
+    write_per_sample(path, rows)                       per-sample scores as JSONL
     score_table(summary) -> str                        the plain-text table the CLI prints
 """
 
@@ -17,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from medvlm3d.data.errors import ConfigError, DataError
 
@@ -83,20 +87,35 @@ def align(preds: dict[str, str], records: Sequence[dict[str, Any]],
     return [preds[str(r["id"])] for r in kept], kept, missing
 
 
+def score_predictions(protocol: str, preds: Mapping[str, str], records: Sequence[dict[str, Any]],
+                      allow_missing: bool = False, **options: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Score predictions {id: text} against reference records under `protocol` (module docstring)."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"--protocol: unknown protocol {protocol!r}; registered: {PROTOCOLS.names()}")
+    texts, kept, missing = align(dict(preds), records, allow_missing)
+    summary, rows = PROTOCOLS.get(protocol).score(texts, kept, **options)
+    summary["missing"] = missing
+    return summary, rows
+
+
+def write_per_sample(path: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -> None:
+    atomic_write_text(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
 def score_files(protocol: str, pred: str | os.PathLike[str], ref: str | os.PathLike[str],
                 out: str | os.PathLike[str] | None = None, allow_missing: bool = False, kind: str = "auto",
                 split: str | None = None, **options: Any) -> dict[str, Any]:
     """Score a predictions file against references under `protocol` (module docstring)."""
     if protocol not in PROTOCOLS:
         raise ConfigError(f"--protocol: unknown protocol {protocol!r}; registered: {PROTOCOLS.names()}")
-    preds, records, missing = align(read_predictions(pred), read_references(ref, protocol, kind, split), allow_missing)
-    summary, rows = PROTOCOLS.get(protocol).score(preds, records, **options)
-    summary.update({"missing": missing, "pred": str(pred), "ref": str(ref)})
+    summary, rows = score_predictions(protocol, read_predictions(pred), read_references(ref, protocol, kind, split),
+                                      allow_missing, **options)
+    summary.update({"pred": str(pred), "ref": str(ref)})
     if out is not None:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / "metrics.json", json.dumps(summary, indent=2) + "\n")
-        atomic_write_text(folder / "per_sample.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_per_sample(folder / "per_sample.jsonl", rows)
     return summary
 
 

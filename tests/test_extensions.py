@@ -130,6 +130,7 @@ def test_toy_format_trains_and_toy_metric_evaluates(toy_csv: Path, tiny_tokenize
     TOY_SEEN.clear()
     res = evaluate(model, recs, "vqa_open", batch_size=2, out_dir=tmp_path / "eval", progress=False, meteor=False)
     assert set(res["metrics"]) == {"toy_exact_match", "toy_pred_chars"}  # eval.metrics replaced the default list
+    assert res["protocol"]["protocol"] == "m3d_vqa_open"  # beside the task's protocol
     rows = [json.loads(x) for x in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert TOY_SEEN == [[r["id"] for r in rows]] == [[r["id"] for r in recs]]
     exact = sum(r["prediction"].strip() == r["reference"].strip() for r in rows) / len(rows)
@@ -145,7 +146,7 @@ def test_toy_metric_values_and_merge_with_builtin() -> None:
     assert out["toy_exact_match"] == pytest.approx(1 / 3) and out["toy_pred_chars"] == pytest.approx((10 + 8 + 1) / 3)
     assert out["accuracy"] == pytest.approx(2 / 3)  # "A." and "B." are in their predictions, "C." is not
     assert out["by_type"]["Organ"]["accuracy"] == 1.0
-    assert TASK_METRICS["vqa_closed"] == ("closed_vqa_accuracy",)  # the default is untouched
+    assert TASK_METRICS["vqa_closed"] == ()  # the default is untouched (the protocol scores closed VQA)
 
 
 def test_unknown_kind_and_metric_are_clear_errors(toy_csv: Path, tiny_tokenizer_dir: Path, tmp_path: Path) -> None:

@@ -98,7 +98,7 @@ def run_stages(
 def evaluate_demo(checkpoint: Path, test_manifest: Path, out: Path, meteor: bool = False) -> dict[str, Any]:
     """The demo's figures on the held-out split (see TARGETS)."""
     from medvlm3d.data.readers import read_records
-    from medvlm3d.eval.runner import evaluate
+    from medvlm3d.eval.runner import evaluate, headline
     from medvlm3d.model.checkpoint import load_pretrained
 
     model = load_pretrained(checkpoint)
@@ -107,10 +107,10 @@ def evaluate_demo(checkpoint: Path, test_manifest: Path, out: Path, meteor: bool
     blind = evaluate(model, records, "vqa_closed", out_dir=out / "vqa_closed_blind", blind=True, meteor=meteor)
     report = evaluate(model, records, "report", out_dir=out / "report", meteor=meteor)
     figures = {
-        "closed_vqa_accuracy": closed["metrics"]["accuracy"],
+        "closed_vqa_accuracy": headline(closed)[1],
         "presence_f1": report["metrics"]["clinical_efficacy"]["per_label"]["lesion"]["f1"],
         "slice_mass": closed["tgis_slice_mass"]["mass"],
-        "blind_drop": closed["metrics"]["accuracy"] - blind["metrics"]["accuracy"],
+        "blind_drop": headline(closed)[1] - headline(blind)[1],
     }
     return {"figures": figures, "vqa_closed": closed, "vqa_closed_blind": blind, "report": report}
 

@@ -5,8 +5,9 @@ Files: base.py (registry, shared checks), text.py (BLEU, ROUGE, METEOR, BERTScor
 vqa.py (open VQA, closed letter accuracy), classify.py (clinical efficacy, classification).
 Importing this package imports every module in this folder, so a new file registers itself.
 Registered names and what eval/runner.py's `score_task` uses them for (`TASK_METRICS`):
-    report: "m3d", "coco", "clinical_efficacy", "labels_prf"; vqa_closed: "closed_vqa_accuracy";
-    vqa_open: "open_vqa"; classify: "classification".
+    report: "coco", "clinical_efficacy", "labels_prf"; classify: "classification". The M3D numbers
+    of `medvlm3d eval` come from its task's protocol (eval/protocols.py, through eval/score.py);
+    "m3d", "closed_vqa_accuracy" and "open_vqa" stay registered for `eval.metrics` lists.
 
 M3D protocol (report generation, open VQA), each score averaged over samples, in [0, 1]:
     m3d_text_metrics(predictions, references, *, meteor=True, bertscore_model=None, ...)

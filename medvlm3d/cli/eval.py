@@ -23,16 +23,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="studies per generation batch (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the checkpoint's eval.max_new_tokens")
     p.add_argument("--out", default=None, help="output folder (default ./eval-<checkpoint>-<task>)")
-    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process)")
+    p.add_argument("--no-meteor", action="store_true",
+                   help="skip the METEOR-1.5 jar inside the COCO metrics (it starts a Java process)")
     p.add_argument("--blind", action="store_true", help="also run the image-blind control and print the drop")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     add_device_map_argument(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the blind derangement / random slices")
-    p.add_argument("--protocol", default="standard", choices=("standard", "voteMI"),
-                   help="voteMI (with --task classify): random vs Vote-MI vs TG-IS slices, zero/few-shot")
+    p.add_argument("--protocol", default="standard",
+                   help="standard: the task's scoring protocol (report m3d_cap, vqa_closed m3d_vqa_closed, vqa_open "
+                        "m3d_vqa_open), the code `medvlm3d score` runs; or a registered one (med2e3_ctrate, coco, "
+                        "ctrate_ce, ...: docs/metrics.md); voteMI (with --task classify): BrainMD's zero/few-shot "
+                        "slice-selection protocol")
     p.add_argument("--support", default=None,
                    help="voteMI: labelled support set (default: the other studies of --data)")
-    p.add_argument("--k-slices", type=int, default=3, help="voteMI: slices kept per plane (default 3)")
+    p.add_argument("--k-slices", type=int, default=None,
+                   help="voteMI: slices kept per plane (default: 3; a 2d_only model: vote_mi.num_picks / planes)")
+    p.add_argument("--cross", action="store_true",
+                   help="voteMI: also random slices + vote-k examples and Vote-MI slices + random examples")
     p.add_argument("--shots", type=int, nargs="+", default=[0, 2], help="voteMI: in-context examples (default 0 2)")
 
 
@@ -44,6 +51,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.protocol == "voteMI" and args.task != "classify":
         raise ConfigError("--protocol voteMI needs --task classify")
+    from medvlm3d.eval.protocols import PROTOCOLS
+
+    if args.protocol not in ("standard", "voteMI", *PROTOCOLS.names()):
+        raise ConfigError(f"--protocol: expected standard, voteMI or a registered protocol {PROTOCOLS.names()}, "
+                          f"got {args.protocol!r}")
     model = load_model(args.checkpoint, args.device, parse_device_map(args.device_map))
     records = read_eval_records(args.data, model.cfg.data, args.task, args.kind, args.split)
     out = Path(args.out or f"eval-{Path(args.checkpoint).resolve().name}-{args.task}")
@@ -52,13 +64,13 @@ def run(args: argparse.Namespace) -> int:
 
         support = read_eval_records(args.support, model.cfg.data, "classify") if args.support else None
         rows = fewshot_table(model, task_records(records, "classify")[: args.limit], support, k_slices=args.k_slices,
-                             shots=tuple(args.shots), seed=args.seed, batch_size=args.batch_size,
+                             shots=tuple(args.shots), seed=args.seed, cross=args.cross, batch_size=args.batch_size,
                              max_new_tokens=args.max_new_tokens)
         atomic_write_json(out / "fewshot.json", rows)
         print(format_fewshot_table(rows))
         return 0
     kw = dict(batch_size=args.batch_size, limit=args.limit, meteor=not args.no_meteor, seed=args.seed,
-              max_new_tokens=args.max_new_tokens)
+              max_new_tokens=args.max_new_tokens, protocol="auto" if args.protocol == "standard" else args.protocol)
     result = evaluate(model, records, args.task, out_dir=out, **kw)
     print(metrics_table(result))
     if args.blind:
@@ -67,5 +79,6 @@ def run(args: argparse.Namespace) -> int:
         name, a = headline(result)
         b = headline(blind)[1]
         print(f"\nimage-blind control: {name} {a:.4f} -> {b:.4f} (drop {a - b:+.4f})")
-    print(f"\nwrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
+    extra = f" and {out / 'per_sample.jsonl'}" if result["protocol"] else ""
+    print(f"\nwrote {out / 'predictions.jsonl'}, {out / 'metrics.json'}{extra}")
     return 0

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from roberta_helpers import tiny_roberta
 
 from medvlm3d.data.errors import ConfigError
 from medvlm3d.eval.metrics import BERTSCORE_SKIP, METRICS, bertscore, bertscore_layer, m3d_text_metrics
@@ -19,21 +20,8 @@ REFS = ["the liver is normal", "small lesion, left kidney", "no pleural effusion
 @pytest.fixture(scope="module")
 def roberta_dir(tmp_path_factory):
     """A random 3-layer RoBERTa with a byte-level BPE tokenizer trained here, saved to a folder."""
-    import torch
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
-
     path = tmp_path_factory.mktemp("tiny-roberta")
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(TEXT * 4, vocab_size=300, min_frequency=1,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
-    bpe.save_model(str(path))
-    tok = RobertaTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=64)  # as roberta-large: 512
-    tok.save_pretrained(str(path))
-    torch.manual_seed(0)
-    cfg = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=66, pad_token_id=tok.pad_token_id)
-    RobertaModel(cfg).eval().save_pretrained(str(path))
+    tiny_roberta(path, TEXT)
     return path
 
 

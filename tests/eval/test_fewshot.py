@@ -11,9 +11,9 @@ import torch
 
 from medvlm3d import build_model
 from medvlm3d.cli import main
-from medvlm3d.data.errors import DataError
-from medvlm3d.eval.fewshot import (example_prefix, fewshot_table, format_fewshot_table, keep_slices, restrict_sample,
-                                   retrieve_examples, study_embeddings)
+from medvlm3d.data.errors import ConfigError, DataError
+from medvlm3d.eval.fewshot import (annotate_support, examples_for, fewshot_prompt, fewshot_table, format_fewshot_table,
+                                   keep_slices, restrict_sample, slices_per_plane, study_embeddings)
 from medvlm3d.eval.runner import classify_record, eval_dataset, generate_samples, label_set, task_records
 
 
@@ -69,19 +69,94 @@ def test_restricted_samples_carry_only_the_kept_slices(model: Any, samples: list
         assert sample["slice_index"][0].tolist() == keep[0].tolist()  # scores name the kept slices
 
 
-def test_retrieve_examples_nearest_diverse_and_excluding() -> None:
-    support = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.98, 0.12], [0.0, 1.0], [-1.0, 0.0], [0.7, 0.7]])
-    query = torch.tensor([1.0, 0.0])
-    exclude = torch.tensor([True, False, False, False, False, False])
-    picks = retrieve_examples(query, support, 2, exclude)
-    assert len(picks) == 2 and 0 not in picks and 4 not in picks  # never the excluded, never the farthest
-    sims = [float(torch.nn.functional.cosine_similarity(support[i], query, dim=0)) for i in picks]
-    assert sims == sorted(sims)  # most similar last
-    assert retrieve_examples(query, support, 0) == []
-    with pytest.raises(DataError, match="only 1 support"):
-        retrieve_examples(query, support, 2, torch.tensor([True] * 5 + [False]))
-    prefix = example_prefix([("Q1?", "A. x"), ("Q2?", "B. y")])
-    assert prefix == "Example: Q1? Answer: A. x\nExample: Q2? Answer: B. y\n"
+def test_annotate_once_vote_k_or_random_and_examples_skip_the_query() -> None:
+    from medvlm3d.data.select.votek import vote_k
+
+    emb = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.98, 0.12], [0.0, 1.0], [-1.0, 0.0], [0.7, 0.7]])
+    picks = annotate_support(emb, 3, "vote_k", k=2)
+    assert picks == vote_k(emb, k=2, num_picks=3).picks and len(set(picks)) == 3
+    rand = annotate_support(emb, 3, "random", seed=4)
+    assert rand == annotate_support(emb, 3, "random", seed=4) and len(set(rand)) == 3
+    with pytest.raises(DataError, match="support set has 6"):
+        annotate_support(emb, 7)
+    images = ["a", "b", "c", "a", "d", "e"]
+    assert examples_for("a", [0, 3, 2, 5], images, 2) == [2, 5]  # both studies of image "a" skipped
+    assert examples_for("z", [0, 3, 2], images, 2) == [0, 3]  # pick order kept
+    with pytest.raises(DataError, match="only 1 annotated"):
+        examples_for("a", [0, 3, 2], images, 2)
+    assert fewshot_prompt([], "Q?") == "Q?"
+    assert fewshot_prompt([("Q1?", "A. x"), ("Q2?", "B. y")], "Q?") == (
+        "Images 1-2 are examples; image 3 is the question's.\nImage 1: Q1? Answer: A. x\n"
+        "Image 2: Q2? Answer: B. y\nImage 3: Q?")
+
+
+def test_restricted_volume_holds_only_the_kept_slices(model: Any, samples: list[dict]) -> None:
+    s = samples[0]
+    keep = keep_slices(model, s, "random", 3, 0)
+    seen = restrict_sample(model, s, keep)
+    kept = set(s["slice_index"][0, keep[0]].tolist())  # axial, num_slices 0: slice j = voxel plane j
+    for d in range(s["volume"].shape[2]):
+        plane = seen["volume"][0, 0, d]
+        assert torch.equal(plane, s["volume"][0, 0, d]) if d in kept else not plane.any()
+    # what the model sees does not depend on the slices left out: change them, same restricted sample
+    other = dict(s, volume=s["volume"].clone(), slices=s["slices"].clone())
+    out = [d for d in range(s["volume"].shape[2]) if d not in kept]
+    other["volume"][0, 0, out] += 0.5
+    other["slices"][0, out] += 0.5
+    again = restrict_sample(model, other, keep)
+    assert torch.equal(again["volume"], seen["volume"]) and torch.equal(again["slices"], seen["slices"])
+
+
+def test_2d_only_sees_exactly_the_selected_slices(tiny_cfg: Any, phantom_records: list[dict]) -> None:
+    torch.manual_seed(0)
+    m2d = build_model(tiny_cfg("model.variant=2d_only", "eval.max_new_tokens=2"))
+    assert slices_per_plane(m2d, None) == 3  # vote_mi.num_picks 3, one plane
+    with pytest.raises(ConfigError, match="num_picks=3"):
+        slices_per_plane(m2d, 2)
+    recs = task_records(phantom_records, "classify")
+    s = eval_dataset(m2d, [classify_record(r, label_set(recs)) for r in recs[:1]], "vqa_closed")[0]
+    keep = keep_slices(m2d, s, "random", 3, 0)
+    seen = restrict_sample(m2d, s, keep)
+    assert seen["slice_keep"].tolist() == [[0, 1, 2]] and seen["slice_index"][0].tolist() == keep[0].tolist()
+    # brainmd_votemi's layout: three planes, num_picks 6 -> 2 slices per plane
+    m3p = build_model(tiny_cfg("model.variant=2d_only", "data.planes=[axial,coronal,sagittal]",
+                               "model.vote_mi.num_picks=6", "eval.max_new_tokens=2"))
+    assert slices_per_plane(m3p, None) == 2
+    s3 = eval_dataset(m3p, [classify_record(r, label_set(recs)) for r in recs[:1]], "vqa_closed")[0]
+    seen = restrict_sample(m3p, s3, keep_slices(m3p, s3, "vote_mi", 2, 0))
+    assert seen["slice_plane"][0].bincount().tolist() == [2, 2, 2] and seen["slice_keep"][0].tolist() == list(range(6))
+    rows = fewshot_table(m3p, phantom_records, shots=(0, 1), batch_size=6)
+    assert [r["selection"] for r in rows] == ["random", "vote_mi"]  # no TG-IS in a 2d_only model
+    assert rows[0]["kept_slices"] == [6] * 6
+
+
+def test_examples_carry_their_restricted_images_and_vote_k_runs_once(model: Any, phantom_records: list[dict],
+                                                                      monkeypatch) -> None:
+    import medvlm3d.eval.fewshot as fs
+
+    calls, seen_inputs = [], []
+    real_vote_k, real_generate = fs.vote_k, fs.generate_samples
+    monkeypatch.setattr(fs, "vote_k", lambda *a, **k: calls.append(1) or real_vote_k(*a, **k))
+
+    def spy(model, inputs, prompts=None, **kw):
+        seen_inputs.append((list(inputs), list(prompts)))
+        return real_generate(model, inputs, prompts=prompts, **kw)
+
+    monkeypatch.setattr(fs, "generate_samples", spy)
+    rows = fewshot_table(model, phantom_records, k_slices=3, shots=(0, 2), batch_size=6)
+    assert len(calls) == 1  # vote-k annotates once, for every query and row
+    assert [r["examples"] for r in rows] == ["random", "vote_k", "vote_k"]
+    assert rows[1]["annotated"] == rows[2]["annotated"] and len(rows[1]["annotated"]) == 3  # 2 shots + 1 spare
+    inputs, prompts = seen_inputs[3]  # vote_mi row, 2 shots
+    by_id = {r["id"]: r for r in phantom_records}
+    for x, p in zip(inputs, prompts):
+        assert x["volume"].shape[0] == 3 and x["slices"].shape[:2] == (3, 3)  # two examples + the query
+        assert p.startswith("Images 1-2 are examples") and p.count("Answer: ") == 2
+        assert all(not x["volume"][i, 0, d].any() for i in range(3) for d in range(16)
+                   if d not in set(x["slice_index"][i].tolist()))  # every image seen through its kept slices
+    ids = [r for r in rows[1]["annotated"]]
+    first = [i for i in ids if by_id[i]["image"] != by_id[inputs[0]["id"]]["image"]][:2]
+    assert f"Answer: {'A' if by_id[first[0]]['label'] == 'abnormal' else 'B'}." in prompts[0].splitlines()[1]
 
 
 def test_study_embeddings(model: Any, samples: list[dict]) -> None:
@@ -102,6 +177,7 @@ def test_fewshot_table_three_rows(model: Any, phantom_records: list[dict]) -> No
     assert rows[2]["kept_slices"] == [None] * 6
     text = format_fewshot_table(rows)
     assert "vote_mi" in text and "2-shot acc" in text and "+0.0" in text.splitlines()[3]  # random vs itself
+    assert text.splitlines()[-1].startswith("note: differs from BrainMD")
     with pytest.raises(ValueError, match="k_slices"):
         fewshot_table(model, phantom_records, k_slices=0)
     with pytest.raises(DataError, match="no records with a 'label'"):
@@ -109,12 +185,14 @@ def test_fewshot_table_three_rows(model: Any, phantom_records: list[dict]) -> No
 
 
 def test_cli_vote_mi_protocol(model: Any, phantom_manifest: Path, tmp_path: Path, capsys) -> None:
-    model.save_pretrained(str(tmp_path / "ckpt"))
+    model.save_pretrained(str(tmp_path / "ckpt"))  # 2e3: the three rows
     rc = main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(phantom_manifest), "--task", "classify",
-               "--protocol", "voteMI", "--k-slices", "2", "--shots", "0", "1", "--out", str(tmp_path / "fs")])
+               "--protocol", "voteMI", "--k-slices", "2", "--shots", "0", "1", "--cross", "--out", str(tmp_path / "fs")])
     out = capsys.readouterr().out
     assert rc == 0 and "Vote-MI protocol" in out and "1-shot acc" in out
     lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("Vote-MI protocol"))
-    assert [line.split()[0] for line in lines[start + 3 : start + 6]] == ["random", "vote_mi", "tgis"]
+    table = [line.split() for line in lines[start + 3 : start + 8]]
+    assert [(r[0], r[-7]) for r in table] == [("random", "random"), ("vote_mi", "vote_k"), ("tgis", "vote_k"),
+                                             ("random", "vote_k"), ("vote_mi", "random")]  # --cross: 2 more rows
     assert (tmp_path / "fs" / "fewshot.json").is_file()

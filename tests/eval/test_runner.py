@@ -65,11 +65,13 @@ def test_report_on_phantoms(model: Any, phantom_records: list[dict], tmp_path: P
     rows = _read_outputs(tmp_path, res)
     reports = [r for r in phantom_records if r["task"] == "report"]
     assert res["n"] == len(reports) == 6 and [r["reference"] for r in rows] == [r["answer"] for r in reports]
-    m = res["metrics"]
-    assert set(m["m3d"]) == {"bleu1", "rouge1", "n"} and {"bleu1", "bleu4", "rouge_l", "cider"} <= set(m["coco"])
+    m, p = res["metrics"], res["protocol"]
+    assert p["protocol"] == "m3d_cap" and {"bleu1", "rouge1", "meteor"} <= set(p["metrics"])
+    assert p["metrics"]["bertscore"].startswith("skipped") and "m3d" not in m  # computed once, by the protocol
+    assert {"bleu1", "bleu4", "rouge_l", "cider"} <= set(m["coco"])
     assert m["extractor"] == "phantom" and "f1_micro" in m["clinical_efficacy"]
     assert set(m["clinical_efficacy"]["per_label"]) == {"lesion", "hyperdense", "hypodense", "left", "right"}
-    _in_unit(m["m3d"])
+    _in_unit({k: v for k, v in p["metrics"].items() if k != "bertscore"})
     _in_unit(m["clinical_efficacy"])
     mass = res["tgis_slice_mass"]
     assert mass["n"] == sum(1 for r in reports if r.get("slice_labels"))
@@ -82,16 +84,16 @@ def test_vqa_closed_and_open_on_phantoms(model: Any, phantom_records: list[dict]
     expected = [r for r in phantom_records if r["task"] == "vqa" and r.get("choices")]
     assert closed["n"] == len(expected)
     assert all("Choices: A. " in r["prompt"] and r["reference"][1:3] == ". " for r in rows)
-    m = closed["metrics"]
-    assert set(m["by_type"]) == {r["question_type"] for r in expected}
-    assert 0.0 <= m["accuracy"] <= 1.0 and m["n"] == closed["n"]
+    m = closed["protocol"]["metrics"]
+    assert set(m["by_type"]) == {r["question_type"] for r in expected} and closed["metrics"] == {}
+    assert 0.0 <= m["closed_vqa_accuracy"] <= 1.0 and closed["protocol"]["n"] == closed["n"]
     assert closed["tgis_slice_mass"]["n"] == sum(1 for r in expected if r.get("slice_labels"))
 
     opened = evaluate(model, phantom_records, "vqa_open", out_dir=tmp_path / "o", limit=8, **FAST)
     rows = _read_outputs(tmp_path / "o", opened)
     assert opened["n"] == 8 and not any("Choices:" in r["prompt"] for r in rows)  # the open-form records
-    assert {"bleu1", "rouge1", "by_type", "macro"} <= set(opened["metrics"])
-    _in_unit(opened["metrics"])
+    assert {"bleu1", "rouge1", "meteor", "by_type", "macro"} <= set(opened["protocol"]["metrics"])
+    _in_unit(opened["protocol"]["metrics"]["macro"])
 
 
 def test_classify_on_phantoms(model: Any, phantom_records: list[dict]) -> None:
@@ -161,7 +163,7 @@ def test_evaluate_slice_mass_with_fake_scores(model: Any, phantom_records: list[
     assert res["tgis_slice_mass"]["n"] == len(labelled)
     assert res["tgis_slice_mass"]["mass"] == pytest.approx(expected, abs=1e-6)
     answers = [r["answer_choice"] for r in task_records(phantom_records, "vqa_closed")]
-    assert res["metrics"]["accuracy"] == pytest.approx(answers.count("A") / len(answers))
+    assert res["protocol"]["metrics"]["closed_vqa_accuracy"] == pytest.approx(answers.count("A") / len(answers))
 
 
 # ------------------------------------------------------------------------------ image-blind
@@ -217,9 +219,10 @@ def test_m3d_vqa_fixture(model: Any, tmp_path: Path) -> None:
                       out_dir=tmp_path / "c", **FAST)
     rows = _read_outputs(tmp_path / "c", closed)
     assert [r["reference"] for r in rows] == ["A. Axial", "B. Lesion", "B. Lung"]
-    assert set(closed["metrics"]["by_type"]) == {"Plane", "Organ", "Abnormality"} and closed["tgis_slice_mass"] is None
+    assert set(closed["protocol"]["metrics"]["by_type"]) == {"Plane", "Organ", "Abnormality"}
+    assert closed["tgis_slice_mass"] is None
     opened = evaluate(model, read_eval_records(str(src), model.cfg.data, "vqa_open"), "vqa_open", **FAST)
-    assert opened["n"] == 3 and set(opened["metrics"]["by_type"]) == {"Plane", "Organ", "Abnormality"}
+    assert opened["n"] == 3 and set(opened["protocol"]["metrics"]["by_type"]) == {"Plane", "Organ", "Abnormality"}
 
 
 def test_ct_rate_fixture(model: Any, tmp_path: Path) -> None:
@@ -262,7 +265,7 @@ def test_cli_eval_prints_table(ckpt: Path, phantom_manifest: Path, tmp_path: Pat
     out = capsys.readouterr().out
     assert rc == 0
     assert "eval vqa_closed: 12 records" in out and "(image-blind control)" in out
-    assert "image-blind control: accuracy" in out
+    assert "image-blind control: closed_vqa_accuracy" in out and "protocol m3d_vqa_closed" in out
     assert "tgis_slice_mass/mass" in out
     header = next(line for line in out.splitlines() if line.startswith("metric"))
     assert header.split() == ["metric", "value"]
@@ -277,6 +280,9 @@ def test_cli_eval_errors(ckpt: Path, phantom_manifest: Path, tmp_path: Path, cap
     assert rc == 2 and "checkpoint folder not found" in capsys.readouterr().err
     rc = main(["eval", "--checkpoint", str(ckpt), "--data", str(tmp_path / "x.jsonl"), "--task", "report"])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+    rc = main(["eval", "--checkpoint", str(ckpt), "--data", str(phantom_manifest), "--task", "report",
+               "--protocol", "m3d_nope"])
+    assert rc == 2 and "registered protocol" in capsys.readouterr().err
 
 
 def test_format_table_aligns() -> None:
