@@ -21,6 +21,7 @@ class Batch:
     volumes [N, 1, D, H, W] float; image_to_sample [N] long (non-decreasing)
     slices [N, S, 1, h, w] float; slice_mask [N, S] bool (True = real slice)
     slice_pos [N, S] float; slice_plane, slice_index [N, S] long
+    slice_series [N, S] long  series / phase id (the image's position in its record) | None
     question_ids, question_mask [B, Lq] long; questions: B strings | None (tgis.text_source hf)
     slice_target [N, S] float, has_slice_target [N] bool    supervised slice labels | None
     teacher [N, S] float      data-side selector's distribution (0 on padding) | None
@@ -41,6 +42,7 @@ class Batch:
     labels: torch.Tensor | None = None
     questions: list[str] | None = None
     slice_index: torch.Tensor | None = None
+    slice_series: torch.Tensor | None = None
     slice_target: torch.Tensor | None = None
     has_slice_target: torch.Tensor | None = None
     teacher: torch.Tensor | None = None

@@ -11,6 +11,8 @@
       slices [N, S, 1, h, w]        S = the most slices of any image; padded slices are zeros
       slice_mask [N, S] bool        True = a real slice
       slice_plane [N, S] long, slice_index [N, S] long, slice_pos [N, S] float   (0 where padded)
+      slice_series [N, S] long      series / phase id: the image's position in its record (the
+                                    sample's own `slice_series` when given), 0 where padded
       slice_target [N, S] float     1 on the question's slice_labels, else 0
       has_slice_target [N] bool
       teacher [N, S] float          when the samples carry one: the distillation target, 0 where padded
@@ -29,6 +31,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from .prompts import IGNORE_INDEX
+from .select.step import series_ids
 
 _TEXT_KEYS = ("input_ids", "labels", "attention_mask", "question_ids")
 _PER_IMAGE_KEYS = ("slice_plane", "slice_index", "slice_pos", "slice_target")
@@ -96,7 +99,7 @@ def collate_images(samples: Sequence[dict[str, Any]], ids: Sequence[str] | None 
         ids = [str(s.get("id", i)) for i, s in enumerate(samples)]
     volumes, owner, slices, lengths = [], [], [], []
     per_image: dict[str, list[torch.Tensor]] = {k: [] for k in _PER_IMAGE_KEYS}
-    has_target = []
+    has_target, series = [], []
     extra: dict[str, list[torch.Tensor]] = {"teacher": [], "slice_keep": []}
     first_shape = None
     for b, (s, sid) in enumerate(zip(samples, ids)):
@@ -115,6 +118,10 @@ def collate_images(samples: Sequence[dict[str, Any]], ids: Sequence[str] | None 
         if sl.dim() != 5 or sl.shape[0] != n_img or sl.shape[2] != 1:
             raise ValueError(f"sample {sid!r}: slices must be [{n_img}, S, 1, h, w], got {tuple(sl.shape)}")
         n_sl = int(sl.shape[1])
+        ser = torch.as_tensor(s["slice_series"]) if "slice_series" in s else series_ids(n_img, n_sl)
+        if tuple(ser.shape) != (n_img, n_sl):
+            raise ValueError(f"sample {sid!r}: slice_series must be [{n_img}, {n_sl}], got {tuple(ser.shape)}")
+        series.extend(ser.unbind(0))
         for k in _PER_IMAGE_KEYS:
             t = torch.as_tensor(s[k]) if k in s or k != "slice_target" else torch.zeros(n_img, n_sl)
             if tuple(t.shape) != (n_img, n_sl):
@@ -149,6 +156,7 @@ def collate_images(samples: Sequence[dict[str, Any]], ids: Sequence[str] | None 
         "slice_plane": _pad(per_image["slice_plane"], 0, "right").long(),
         "slice_index": _pad(per_image["slice_index"], 0, "right").long(),
         "slice_pos": _pad(per_image["slice_pos"], 0.0, "right").float(),
+        "slice_series": _pad(series, 0, "right").long(),
         "slice_target": _pad(per_image["slice_target"], 0.0, "right").float(),
         "has_slice_target": torch.cat(has_target, 0),
     }

@@ -22,7 +22,7 @@ from medvlm3d.model.tgis import TGISConfig
 from medvlm3d.model.trainable import TrainablePolicy
 from medvlm3d.data.select.base import VoteMIConfig
 
-VARIANTS = ("2e3", "2e3_interslice", "3d_only", "2d_only")
+VARIANTS = ("2e3", "2e3_interslice", "3d_only", "2d_only", "2d_interslice")
 
 
 @dataclass

@@ -104,8 +104,8 @@ def load_encoder3d_weights(module: nn.Module, path: str | Path, key_map: str = "
     """Load weights into a module from `build_encoder3d` (in place).
 
     `key_map`: "" takes the keys as they are, either the module's own (`net.` prefix) or the
-    bare MONAI network's; "m3d_clip" applies `map_m3d_clip_keys`. Missing and unexpected keys
-    are logged; a shape mismatch or a file in which no key matches raises `ValueError`.
+    bare MONAI network's; "m3d_clip" applies `map_m3d_clip_keys`. Unexpected keys are logged; a
+    missing key (listed), a shape mismatch or a file in which no key matches raises `ValueError`.
     Returns {"loaded": [...], "missing": [...], "unexpected": [...]}.
     """
     if key_map not in ("", "m3d_clip"):
@@ -135,13 +135,13 @@ def load_encoder3d_weights(module: nn.Module, path: str | Path, key_map: str = "
             f"no key of 3D encoder weights {path} matched the encoder (key_map={key_map!r}); "
             f"file keys start with {sorted(sd)[:3]}, expected e.g. {sorted(target)[:3]}"
         )
-    net.load_state_dict({k: sd[k] for k in loaded}, strict=False)
     missing = [k for k in target if k not in sd]
     unexpected = [k for k in sd if k not in target]
     real_missing = [k for k in missing if ".norm_cross_attn." not in k]  # unused by MONAI's forward
-    if real_missing:
-        logger.warning("3D encoder weights %s: %d missing keys (left random): %s", path, len(real_missing),
-                       real_missing[:10])
+    if real_missing:  # never a silent partial load
+        raise ValueError(f"3D encoder weights {path} lack {len(real_missing)} of the encoder's keys "
+                         f"(key_map={key_map!r}): {real_missing[:20]}; file keys start with {sorted(sd)[:3]}")
+    net.load_state_dict({k: sd[k] for k in loaded}, strict=False)
     if unexpected:
         logger.warning("3D encoder weights %s: %d unexpected keys ignored: %s", path, len(unexpected), unexpected[:10])
     logger.info("loaded %d tensors into the 3D encoder from %s", len(loaded), path)

@@ -10,6 +10,11 @@ Per slice: the mean of its T tokens, plus a continuous position embedding (sinus
 `nn.TransformerEncoder` runs along S with the padded slices masked out of attention; a Linear
 maps its output to a per-slice offset added to every token of that slice. The Linear starts at
 zero, so a fresh module is the identity. Padded slices come out as zeros.
+
+`joint_over_images(module, tokens [N, S, T, D], ..., image_to_sample [N])` runs the module once
+per *sample*: the slices of all images of a record (several series / phases, each with its
+planes) form one sequence, the series embedding telling them apart (MS-VLM's "multiple images
+acquired from different planes and phases"); the output is split back to [N, S, T, D].
 """
 
 from __future__ import annotations
@@ -114,3 +119,35 @@ class InterSlice(nn.Module):
             raise ValueError(f"InterSlice {name} must lie in [0, {n - 1}] on real slices, "
                              f"got values in [{int(idx.min())}, {int(idx.max())}]")
         return idx
+
+
+def joint_over_images(
+    module: InterSlice,
+    tokens: torch.Tensor,
+    slice_pos: torch.Tensor,
+    slice_plane: torch.Tensor,
+    mask: torch.Tensor,
+    series: torch.Tensor | None,
+    image_to_sample: torch.Tensor,
+) -> torch.Tensor:
+    """tokens [N, S, T, D] of N images, image_to_sample [N] (non-decreasing) -> [N, S, T, D], each
+    sample's images read as one sequence of (images x S) slices. `series` None = the image's
+    position within its sample."""
+    n, s = mask.shape
+    owner = image_to_sample.to(mask.device).long()
+    if tuple(owner.shape) != (n,):
+        raise ValueError(f"joint_over_images: image_to_sample must be [{n}], got {list(owner.shape)}")
+    b = int(owner.max()) + 1 if n else 0
+    counts = torch.bincount(owner, minlength=b)
+    rank = torch.arange(n, device=owner.device) - (counts.cumsum(0) - counts)[owner]  # image's place in its sample
+    if series is None:
+        series = rank[:, None].expand(n, s)
+    m = int(counts.max()) if n else 0
+
+    def group(x: torch.Tensor) -> torch.Tensor:  # [N, S, ...] -> [B, m * S, ...]
+        out = x.new_zeros((b, m, *x.shape[1:]))
+        out[owner, rank] = x
+        return rearrange(out, "b m s ... -> b (m s) ...")
+
+    joint = module(group(tokens), group(slice_pos), group(slice_plane), group(mask), group(series))
+    return rearrange(joint, "b (m s) ... -> b m s ...", m=m)[owner, rank]

@@ -335,7 +335,11 @@ class TextEncoder(nn.Module):
         folder = _local_dir(path, "tgis.text_encoder", need=("config.json",))
         with _load_errors("tgis.text_encoder", folder, "text encoder and tokenizer"):
             self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-            self.encoder = AutoModel.from_pretrained(str(folder), local_files_only=True)
+            self.encoder, info = AutoModel.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+        bad = {k: list(info.get(k) or []) for k in ("missing_keys", "mismatched_keys")}
+        if any(bad.values()):  # never a silently half-random text tower
+            raise ConfigError(f"tgis.text_encoder: the weights in {folder} do not fit its config.json: "
+                              f"missing {bad['missing_keys'][:20]}, mismatched {bad['mismatched_keys'][:20]}")
         self.out_pooling = out_pooling
         self.max_length = max_length
         self.out_dim = int(self.encoder.config.hidden_size)

@@ -12,6 +12,9 @@ One training step (N images over B samples; S slices per image, padded; T tokens
         2e3, 2e3_interslice: [x3d ; z2d]      -> [N, N3' + T, Dl]
         3d_only:             x3d              -> [N, N3', Dl]
         2d_only:             v at slice_keep  -> [N, num_picks * T, Dl]
+        2d_interslice:       v of every slice -> [N, S * T, Dl]  (MS-VLM: slice encoder, then one
+                             inter-slice transformer over all slices of all images of a sample,
+                             with plane and series / phase embeddings; no 3D branch, no TG-IS)
     With model.preselect_k = k the data side already cut slices to [N, k, 1, h, w] (S = k).
     The prompt holds `num_visual_tokens` copies of the <image> token per image (see data/prompts.py);
     those positions of inputs_embeds are overwritten, in order, by the visual tokens.
@@ -28,11 +31,11 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
-from medvlm3d.config import RunConfig
+from medvlm3d.config import ConfigError, RunConfig
 from medvlm3d.data.batch import Batch
 from medvlm3d.model.encoder3d import build_encoder3d, load_encoder3d_weights
 from medvlm3d.model.feature_cache import FeatureCache, check_cacheable, row_keys
-from medvlm3d.model.inter_slice import InterSlice
+from medvlm3d.model.inter_slice import InterSlice, joint_over_images
 from medvlm3d.model.llm import TextEncoder, apply_lora, build_llm, embed_tokens, load_tokenizer
 from medvlm3d.model.projector import Projector2D, Projector3D
 from medvlm3d.model.slice_encoder import SliceEncoder
@@ -105,7 +108,7 @@ class MedVLM(nn.Module):
                 embed_rms = float(table.float().pow(2).mean().sqrt())
 
         uses_3d = self.variant in ("2e3", "2e3_interslice", "3d_only")
-        uses_2d = self.variant in ("2e3", "2e3_interslice", "2d_only")
+        uses_2d = self.variant in ("2e3", "2e3_interslice", "2d_only", "2d_interslice")
         self.encoder3d = self.projector3d = None
         self.slice_encoder = self.projector2d = self.inter_slice = self.tgis = None
         self.text_encoder = None
@@ -117,8 +120,10 @@ class MedVLM(nn.Module):
                                            out_scale=embed_rms)
         if uses_2d:
             self.slice_encoder = SliceEncoder(mc.slice_encoder, tuple(cfg.data.slice_size), load_weights=load_external_weights)
-            if self.variant == "2e3_interslice":
+            if self.variant in ("2e3_interslice", "2d_interslice"):
                 self.inter_slice = InterSlice(mc.inter_slice, self.slice_encoder.out_dim)
+            if self.variant == "2d_interslice":
+                _ = self.slices_per_image  # a ConfigError now, not at the first batch
             self.projector2d = Projector2D(mc.projector, self.slice_encoder.out_dim, width, out_scale=embed_rms)
         if self.variant in ("2e3", "2e3_interslice"):
             text_dim = width
@@ -153,7 +158,18 @@ class MedVLM(nn.Module):
             return self.projector3d.num_tokens
         if self.variant == "2d_only":
             return self.cfg.model.vote_mi.num_picks * t2d
+        if self.variant == "2d_interslice":
+            return self.slices_per_image * t2d
         return self.projector3d.num_tokens + t2d
+
+    @property
+    def slices_per_image(self) -> int:
+        """S of the 2d_interslice variant: model.preselect_k, else data.num_slices per plane."""
+        k, n = int(self.cfg.model.preselect_k), int(self.cfg.data.num_slices)
+        if k <= 0 and n <= 0:
+            raise ConfigError("model.variant=2d_interslice feeds every slice to the LLM, so the slice count must be "
+                              f"fixed: set data.num_slices > 0 or model.preselect_k > 0 (got {n} and {k})")
+        return k if k > 0 else n * len(self.cfg.data.planes)
 
     @property
     def embed_device(self) -> torch.device:
@@ -241,9 +257,13 @@ class MedVLM(nn.Module):
         text: torch.Tensor | None,
         teacher: torch.Tensor | None = None,
         slice_keep: torch.Tensor | None = None,
+        slice_series: torch.Tensor | None = None,
+        image_to_sample: torch.Tensor | None = None,
     ) -> VisualOutput:
         """volumes [N,1,D,H,W], slices [N,S,1,h,w], slice_mask/pos/plane [N,S], text [N,Dt],
-        teacher [N,S] (the batch's, passed through), slice_keep [N,P] (2d_only's data-side picks)
+        teacher [N,S] (the batch's, passed through), slice_keep [N,P] (2d_only's data-side picks),
+        slice_series [N,S] (series / phase ids), image_to_sample [N] (2d_interslice: the images of
+        a sample are read together; None = one image per sample)
         -> VisualOutput with tokens [N, num_visual_tokens, Dl]."""
         x3d = None
         if self.encoder3d is not None:
@@ -253,9 +273,17 @@ class MedVLM(nn.Module):
 
         keys = None if self.feature_cache is None else row_keys(slices, slice_mask, slice_plane)
         feats = self._encode("slice_encoder", slices, slice_mask, keys=keys)  # [N, S, T, D2]
-        if self.inter_slice is not None:
-            feats = self.inter_slice(feats, slice_pos, slice_plane, slice_mask)
+        if self.variant == "2d_interslice":
+            owner = image_to_sample if image_to_sample is not None else torch.arange(slices.shape[0])
+            feats = joint_over_images(self.inter_slice, feats, slice_pos, slice_plane, slice_mask, slice_series, owner)
+        elif self.inter_slice is not None:
+            feats = self.inter_slice(feats, slice_pos, slice_plane, slice_mask, series=slice_series)
         v = self.projector2d(feats)  # [N, S, T, Dl]
+        if self.variant == "2d_interslice":
+            if v.shape[1] != self.slices_per_image:
+                raise ValueError(f"2d_interslice expects {self.slices_per_image} slices per image (data.num_slices x "
+                                 f"planes, or model.preselect_k), got {v.shape[1]}")
+            return VisualOutput(tokens=rearrange(v, "n s t d -> n (s t) d"), teacher=teacher)
         if self.variant == "2d_only":
             if slice_keep is None:
                 raise ValueError("the 2d_only variant needs the batch's slice_keep [N, num_picks] (data-side picks: "
@@ -282,6 +310,7 @@ class MedVLM(nn.Module):
         vis = self.encode_images(
             batch.volumes.to(enc_dtype), batch.slices.to(enc_dtype), batch.slice_mask, batch.slice_pos,
             batch.slice_plane, text, teacher=batch.teacher, slice_keep=batch.slice_keep,
+            slice_series=batch.slice_series, image_to_sample=its,
         )
         embeds = self.splice(batch.input_ids, vis.tokens)
         return embeds, batch.attention_mask.to(embeds.device), vis

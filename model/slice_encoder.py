@@ -101,9 +101,7 @@ class SliceEncoder(nn.Module):
         except RuntimeError as e:  # timm: unknown model, or weights that do not fit it
             raise ValueError(f"cannot build timm model {cfg.model_name!r} (weights {cfg.weights!r}): {e}") from e
         if pretrained:
-            own = self.backbone.state_dict()
-            if not any(k in own and own[k].shape == v.shape for k, v in sd.items()):
-                raise ValueError(f"no tensor of slice encoder weights {cfg.weights} matched {cfg.model_name!r}")
+            check_complete(self.backbone, sd, cfg.weights, cfg.model_name)
             logger.info("loaded slice encoder weights from %s", cfg.weights)
         if cfg.gradient_checkpointing:
             _enable_grad_checkpointing(self.backbone, cfg.model_name)
@@ -180,6 +178,36 @@ class SliceEncoder(nn.Module):
         if mask.dtype != torch.bool or tuple(mask.shape) != tuple(slices.shape[:2]):
             raise ValueError(f"SliceEncoder expected a bool mask {list(slices.shape[:2])}, "
                              f"got {mask.dtype} {list(mask.shape)}")
+
+
+def check_complete(backbone: nn.Module, sd: dict[str, torch.Tensor], path: str, model_name: str) -> None:
+    """Every tensor of `backbone` must come from the file `sd` (timm loads non-strictly when the
+    classifier is dropped, which would leave a partly random encoder silently). Keys are compared
+    after the model family's own `checkpoint_filter_fn` (layout conversion); file keys of heads the
+    backbone does not have (`head`, `attn_pool`, ...: no parameters here) are ignored. Raises
+    `ValueError` listing the missing and unexpected keys."""
+    import sys
+
+    filt = getattr(sys.modules.get(type(backbone).__module__), "checkpoint_filter_fn", None)
+    if filt is not None:
+        try:
+            sd = filt(dict(sd), backbone)
+        except Exception:  # noqa: BLE001  a layout the filter does not know: compare the keys as given
+            pass
+    own = backbone.state_dict()
+
+    def dropped(key: str) -> bool:
+        top = getattr(backbone, key.split(".")[0], None)
+        return top is None or (isinstance(top, nn.Module) and not any(True for _ in top.parameters()))
+
+    if not any(k in own for k in sd):
+        raise ValueError(f"no tensor of slice encoder weights {path} matched {model_name!r} "
+                         f"(file keys start with {sorted(sd)[:3]}, expected e.g. {sorted(own)[:3]})")
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own and not dropped(k)]
+    if missing or unexpected:
+        raise ValueError(f"slice encoder weights {path} do not fit {model_name!r}: {len(missing)} missing keys "
+                         f"{missing[:20]}, {len(unexpected)} unexpected keys {unexpected[:20]} (expected timm's layout)")
 
 
 def _enable_grad_checkpointing(backbone: nn.Module, model_name: str) -> None:

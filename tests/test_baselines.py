@@ -157,12 +157,17 @@ M3D_VIT = vit_params(768, 3072, 12, 4 * 16 * 16, 2048, qkv_bias=False)  # 87.39 
 SIGLIP_L = vit_params(1024, 4096, 24, 3 * 16 * 16, 256, qkv_bias=True)  # 303.36 M
 VIT_B = vit_params(768, 3072, 12, 3 * 16 * 16, 197, qkv_bias=True, extra=768)  # 85.80 M (+ class token)
 W = 3072
+# ms_vlm's inter-slice transformer at width 768: 2 pre-norm layers (attention 4 h^2 + 4 h, MLP
+# h -> 4h -> h, 2 LayerNorms), a final LayerNorm, the position Linear, the plane (3) and series (4)
+# embeddings and the zero-initialised output Linear
+INTER_SLICE = 2 * (4 * 768 * 768 + 4 * 768 + 2 * 768 * 3072 + 3072 + 768 + 4 * 768) + 2 * 768 \
+    + 2 * (768 * 768 + 768) + (3 + 4) * 768
 REAL = {  # config: (visual tokens, {component: parameters without the LLM's V-dependent embeddings})
     "med2e3": (512, {"encoder3d": M3D_VIT, "slice_encoder": SIGLIP_L, "tgis": W * W + W,
                      "projector": mlp2(768, W) + mlp2(1024, W), "llm": PHI3_BODY}),
     "m3d_lamed": (256, {"encoder3d": M3D_VIT, "projector": mlp2(768, W), "llm": PHI3_BODY + PHI3_LORA16}),
-    "ms_vlm": (272, {"encoder3d": M3D_VIT, "slice_encoder": VIT_B, "tgis": W * W + W,
-                     "projector": mlp2(768, W) + mlp2(768, W), "llm": PHI3_BODY + PHI3_LORA16}),
+    "ms_vlm": (384, {"slice_encoder": VIT_B, "inter_slice": INTER_SLICE, "projector": mlp2(768, W),
+                     "llm": PHI3_BODY + PHI3_LORA16}),  # 3 planes x 32 slices x 4 tokens, no 3D branch
     "med2e3_votemi_distill": (512, {"encoder3d": M3D_VIT, "slice_encoder": SIGLIP_L,
                                     "projector": mlp2(768, W) + mlp2(1024, W), "llm": PHI3_BODY}),
     "brainmd_votemi": (384, {"slice_encoder": SIGLIP_L, "projector": mlp2(1024, W), "llm": PHI3_BODY + PHI3_LORA16}),

@@ -41,7 +41,12 @@ class VoteMIConfig:
     teacher: str = "picks"  # off | votes | picks
     features: str = "intensity"  # intensity only (selectors run on the data side, before any encoder)
     feature_size: int = 16  # side of the downsampled slice used by intensity features
-    seed: int = 0  # the `random` selector's seed (combined with each sample's index)
+    seed: int = 0  # the `random` / `vote_mi_brainmd` selectors' seed (combined with each sample's index)
+    # vote_mi_brainmd (data/select/vote_mi_brainmd.py); defaults = BrainMD's released code
+    latent: str = "pca"  # pca (no network) | vae (a trained VAE encoder at vae_path)
+    vae_path: str = ""  # safetensors of the VAE encoder (latent: vae)
+    dbscan_eps: float = 0.18  # inference_DBSCAN.py: DBSCAN(eps=0.18, min_samples=25)
+    dbscan_min_samples: int = 25
 
     def __post_init__(self) -> None:
         check_choice("vote_mi.teacher", self.teacher, ("off", "votes", "picks"))
@@ -51,6 +56,10 @@ class VoteMIConfig:
                 "before the slice encoder, so it cannot use encoder features; use vote_mi.features=intensity"
             )
         check_choice("vote_mi.features", self.features, ("intensity",))
+        check_choice("vote_mi.latent", self.latent, ("pca", "vae"))
+        if self.dbscan_eps <= 0 or self.dbscan_min_samples < 1:
+            raise ConfigError(f"vote_mi.dbscan_eps must be > 0 and vote_mi.dbscan_min_samples >= 1, "
+                              f"got {self.dbscan_eps}, {self.dbscan_min_samples}")
         if self.k < 1 or self.num_picks < 1:
             raise ConfigError("vote_mi.k and vote_mi.num_picks must be >= 1")
 

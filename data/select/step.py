@@ -5,6 +5,7 @@ pre-selection, the distillation teacher and the 2d_only picks computed here (nev
     study_tensors(study, plan, index=i, slice_target=[n_img, S] | None) -> dict:
       volume [n_img, 1, D, H, W]                        the whole volume (the 3D branch sees it all)
       slices [n_img, S', 1, h, w]; slice_plane/slice_index [n_img, S'] long; slice_pos [n_img, S']
+      slice_series [n_img, S'] long                     the image's position in its record (series / phase id)
       slice_target [n_img, S'] float                    (when given)
       teacher [n_img, S'] float                         (plan.teacher: sums to 1 per image)
       slice_keep [n_img, P] long                        (plan.keep: positions along S')
@@ -31,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from .base import Selector, build_selector
 
 log = logging.getLogger(__name__)
-_PER_SLICE = ("slices", "slice_plane", "slice_index", "slice_pos", "slice_target")
+_PER_SLICE = ("slices", "slice_plane", "slice_index", "slice_pos", "slice_series", "slice_target")
 
 
 @dataclass
@@ -63,6 +64,12 @@ class SelectionPlan:
         )
 
 
+def series_ids(n_img: int, n_slices: int) -> torch.Tensor:
+    """[n_img, n_slices] long: each slice's series / phase id = its image's position in the record
+    (a manifest record lists its images in order, e.g. [arterial, venous])."""
+    return torch.arange(n_img, dtype=torch.long)[:, None].expand(n_img, n_slices).contiguous()
+
+
 def _gather(tensors: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-slice tensors [n_img, S, ...] -> [n_img, k, ...] at keep [n_img, k]."""
     out = dict(tensors)
@@ -87,6 +94,7 @@ def study_tensors(
         "slice_plane": study.slice_plane,
         "slice_index": study.slice_index,
         "slice_pos": study.slice_pos,
+        "slice_series": series_ids(*study.slice_plane.shape),
     }
     if slice_target is not None:
         out["slice_target"] = slice_target

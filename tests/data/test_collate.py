@@ -53,7 +53,7 @@ def test_right_padding_and_slices() -> None:
     assert batch["slice_mask"].sum(1).tolist() == [5, 8]
     assert torch.equal(batch["slices"][0, :5], a["slices"][0])
     assert batch["slices"][0, 5:].abs().sum() == 0
-    for key in ("slice_plane", "slice_index", "slice_pos", "slice_target"):
+    for key in ("slice_plane", "slice_index", "slice_pos", "slice_series", "slice_target"):
         assert batch[key].shape == (2, 8)
         assert batch[key][0, 5:].abs().sum() == 0
     assert batch["slice_pos"].dtype == torch.float32 and batch["slice_plane"].dtype == torch.long

@@ -61,7 +61,7 @@ def test_sample_contents(tok, nifti) -> None:
     assert s["id"] == "vqa-1"
     assert s["volume"].shape == (1, 1, 8, 16, 16)
     assert s["slices"].shape == (1, 8, 1, 16, 16)
-    for key in ("slice_plane", "slice_index", "slice_pos", "slice_target"):
+    for key in ("slice_plane", "slice_index", "slice_pos", "slice_series", "slice_target"):
         assert s[key].shape == (1, 8)
     assert s["question"] == "Which organ shows the lesion? Choices: A. liver B. spleen C. kidney D. lung"
     assert s["target"] == "B. spleen"

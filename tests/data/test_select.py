@@ -15,7 +15,7 @@ from medvlm3d.data.select import build_selector
 from medvlm3d.data.select.step import SelectionPlan
 from medvlm3d.model.medvlm import build_model
 
-BUILT_IN = ("votek", "uniform", "random", "labels")
+BUILT_IN = ("votek", "uniform", "random", "labels", "vote_mi_brainmd")
 
 
 def phantom_slices(planes: int = 3, n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from medvlm3d.config import InterSliceConfig
-from medvlm3d.model.inter_slice import InterSlice, sinusoid
+from medvlm3d.model.inter_slice import InterSlice, joint_over_images, sinusoid
 
 D, T = 16, 4
 
@@ -115,3 +115,21 @@ def test_rejects_bad_arguments():
         mod(tokens, pos, plane, mask.long())
     with pytest.raises(ValueError, match=r"slice_plane must lie in \[0, 2\]"):
         mod(tokens, pos, plane + 3, mask)
+
+
+def test_joint_over_images_is_one_sequence_per_sample():
+    mod = _live(InterSlice(InterSliceConfig(num_heads=2, num_series=3), D))
+    nn.init.normal_(mod.series_embed.weight)
+    tokens, pos, plane, mask = _inputs(b=3, s=4, seed=2)
+    mask[2, 3] = False
+    owner = torch.tensor([0, 0, 1])  # sample 0 has two images (series 0 and 1), sample 1 one
+    out = joint_over_images(mod, tokens, pos, plane, mask, None, owner)
+    series = torch.tensor([[0] * 4 + [1] * 4])
+    cat = lambda x: x[:2].reshape(1, 8, *x.shape[2:])  # noqa: E731
+    first = mod(cat(tokens), cat(pos), cat(plane), cat(mask), series)
+    torch.testing.assert_close(out[:2], first.reshape(2, 4, T, D))
+    torch.testing.assert_close(out[2:], mod(tokens[2:], pos[2:], plane[2:], mask[2:], torch.zeros(1, 4, dtype=torch.long)))
+    given = torch.tensor([[0] * 4, [2] * 4, [0] * 4])  # explicit series ids are used as given
+    assert not torch.allclose(joint_over_images(mod, tokens, pos, plane, mask, given, owner)[1], out[1])
+    with pytest.raises(ValueError, match="image_to_sample"):
+        joint_over_images(mod, tokens, pos, plane, mask, None, owner[:2])

@@ -16,7 +16,7 @@ def batch_for(model: MedVLM, records: list[dict], n: int = 3, drop_slices: dict[
     ds = StudyDataset(records[:n], model.cfg.data, model.tokenizer, model.num_visual_tokens, selection=plan)
     samples = [ds[i] for i in range(n)]
     for i, k in (drop_slices or {}).items():  # give sample i fewer slices (S varies in the batch)
-        for key in ("slices", "slice_plane", "slice_index", "slice_pos", "slice_target"):
+        for key in ("slices", "slice_plane", "slice_index", "slice_pos", "slice_series", "slice_target"):
             samples[i][key] = samples[i][key][:, :-k]
         samples[i] = select(samples[i], plan, i)  # the selection of the shortened stack
     return Collator(model.tokenizer.pad_token_id)(samples)
@@ -88,14 +88,16 @@ def test_batch_mixing_matches_each_study_alone(model: MedVLM, phantom_records: l
         ("2e3_interslice", lambda m: m.projector3d.num_tokens + m.slice_encoder.num_tokens),
         ("3d_only", lambda m: m.projector3d.num_tokens),
         ("2d_only", lambda m: m.cfg.model.vote_mi.num_picks * m.slice_encoder.num_tokens),
+        ("2d_interslice", lambda m: 2 * 6 * m.slice_encoder.num_tokens),  # every slice of 2 planes x 6
     ],
 )
 def test_variants_build_and_run(tiny_cfg, phantom_records: list[dict], variant: str, expected) -> None:
-    m = build_model(tiny_cfg(f"model.variant={variant}")).eval()
+    fixed = ["data.num_slices=6", "data.planes=[axial,coronal]"] if variant == "2d_interslice" else []
+    m = build_model(tiny_cfg(f"model.variant={variant}", *fixed)).eval()
     assert m.num_visual_tokens == expected(m)
     assert (m.tgis is not None) == variant.startswith("2e3")
-    assert (m.inter_slice is not None) == (variant == "2e3_interslice")
-    assert (m.encoder3d is not None) == (variant != "2d_only")
+    assert (m.inter_slice is not None) == variant.endswith("interslice")
+    assert (m.encoder3d is not None) == variant.startswith(("2e3", "3d"))
     with torch.no_grad():
         out = m(**batch_for(m, phantom_records, n=2))
     assert torch.isfinite(out.loss)
@@ -191,3 +193,28 @@ def test_out_norm_starts_visual_tokens_at_the_text_embedding_scale(tiny_cfg, pha
     torch.testing.assert_close(rms3d, torch.full_like(rms3d, float(embed_rms)), rtol=1e-3, atol=1e-6)
     z2d = v.tokens[:, n3:].pow(2).mean(-1).sqrt()  # a TG-IS-weighted sum of normalised tokens: at most that
     assert bool((z2d <= embed_rms * 1.001).all()) and bool((z2d > 0).all())
+
+
+def test_2d_interslice_reads_the_series_of_a_record_together(tiny_cfg, phantom_records: list[dict]) -> None:
+    """MS-VLM: the images of one record are one inter-slice sequence, told apart by the series id
+    that the data side carries (the image's position in the record)."""
+    from torch import nn
+
+    from medvlm3d.config import ConfigError
+
+    with pytest.raises(ConfigError, match="num_slices"):
+        build_model(tiny_cfg("model.variant=2d_interslice"))  # data.num_slices=0: S not fixed
+    torch.manual_seed(0)
+    m = build_model(tiny_cfg("model.variant=2d_interslice", "data.num_slices=4")).eval()
+    nn.init.normal_(m.inter_slice.out.weight, std=0.5)  # zero at init: make the slices interact
+    two = dict(phantom_records[0], image=[phantom_records[0]["image"], phantom_records[1]["image"]])
+    b = batch_for(m, [two, phantom_records[2]], n=2)
+    assert b["slice_series"].tolist() == [[0] * 4, [1] * 4, [0] * 4]
+    assert b["image_to_sample"].tolist() == [0, 0, 1]
+    with torch.no_grad():
+        base = m(**b).logits
+        nn.init.normal_(m.inter_slice.series_embed.weight, std=1.0)
+        fed = m(**b).logits
+        assert not torch.allclose(base, fed)  # the series embedding reaches the LLM
+        alone = m(**batch_for(m, [phantom_records[2]], n=1)).logits
+    torch.testing.assert_close(fed[1, : alone.shape[1]], alone[0], atol=1e-4, rtol=1e-4)  # no leak across samples
