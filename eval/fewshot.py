@@ -52,7 +52,7 @@ import torch
 
 from medvlm3d.data.errors import ConfigError, DataError
 from medvlm3d.data.select import build_selector
-from medvlm3d.data.select.step import SelectionPlan, restrict
+from medvlm3d.data.select.step import SelectionPlan, restrict, series_ids
 from medvlm3d.data.select.votek import intensity_features, vote_k
 
 from .runner import (LABEL_QUESTION, NO_LABEL, classify_record, eval_dataset, format_table, generate_samples,
@@ -201,6 +201,8 @@ def with_examples(query: dict[str, Any], examples: Sequence[dict[str, Any]]) -> 
             raise DataError(f"few-shot: record {query.get('id')!r} and its examples differ in slice count "
                             f"({[tuple(p[key].shape) for p in parts]}); use data.num_slices > 0")
         out[key] = torch.cat([p[key] for p in parts])
+    if "slices" in out:  # each image is its own series: its position in the combined record
+        out["slice_series"] = series_ids(*out["slices"].shape[:2])
     return out
 
 
