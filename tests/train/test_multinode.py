@@ -47,6 +47,8 @@ REPO = config_dir().parent
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL a launcher and every process under it. torchrun starts its workers in new sessions,
     so a process-group kill would miss them: collect the tree first, then kill it."""
+    if proc.poll() is not None:
+        return  # exited and reaped (torchrun ends its workers first): its pid may already be reused
     try:
         tree = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
