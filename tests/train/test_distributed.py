@@ -18,68 +18,21 @@ DeepSpeed compiles its shm_comm op on first use (about 35 s, cached in ~/.cache/
 
 from __future__ import annotations
 
-import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from medvlm3d.config import config_dir, load_config
-from medvlm3d.data.readers import write_manifest
+from medvlm3d.config import config_dir
 from medvlm3d.train.checkpointing import complete_checkpoints, read_progress
-from medvlm3d.train.recipe import run_training
-
-STEPS = 4
-COMMON = ["train.log_every=1", f"train.max_steps={STEPS}", "train.slice_loss_weight=0.5", "train.warmup_steps=1"]
-RTOL = 1e-5
-WEIGHT_ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, phantom_manifest, phantom_records, tiny_tokenizer_dir) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("dist")  # the subset sits beside the studies (inside the data root)
-    return {"manifest": write_manifest(phantom_records[:12], phantom_manifest.parent / "twelve.jsonl"),
-            "tok": tiny_tokenizer_dir,
-            "root": root}
-
-
-def overrides(data: dict[str, Path], out: Path, batch: int) -> list[str]:
-    return [f"model.llm.tokenizer={data['tok']}", f"data.train={data['manifest']}", f"train.output_dir={out}",
-            f"train.batch_size={batch}", *COMMON]
-
-
-@pytest.fixture(scope="module")
-def reference(data) -> Path:
-    """One process, batch 2 (= 2 processes x batch 1), stage 2 (LoRA + distillation + slice loss)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    out = data["root"] / "one"
-    try:
-        run_training(load_config("tiny", overrides(data, out, 2), layers=["stage2_finetune"]))
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from launch_helpers import STEPS, assert_matches, free_port, launch_cmd, launch_env
 
 
 def launch(kind: str, data: dict[str, Path], out: Path, *extra: str) -> subprocess.CompletedProcess:
     """accelerate launch --config_file configs/accelerate/cpu_<kind>.yaml -m medvlm3d.train ..."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(config_dir() / "accelerate" / f"cpu_{kind}.yaml"), "--main_process_port", str(free_port()),
-           "-m", "medvlm3d.train", "--config", "tiny", "--stage", "stage2_finetune", *overrides(data, out, 1), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # The DeepSpeed json path in the accelerate yaml is relative to the folder holding configs/.
-    proc = subprocess.run(cmd, cwd=config_dir().parent, env=env, capture_output=True, text=True, timeout=540)
+    cmd = launch_cmd(f"cpu_{kind}.yaml", data, out, *extra, launch_args=("--main_process_port", str(free_port())))
+    proc = subprocess.run(cmd, cwd=config_dir().parent, env=launch_env(), capture_output=True, text=True, timeout=540)
     tail = (proc.stdout + proc.stderr)[-4000:]
     assert proc.returncode == 0, tail
     assert "terminate called" not in proc.stderr, tail
@@ -87,62 +40,45 @@ def launch(kind: str, data: dict[str, Path], out: Path, *extra: str) -> subproce
     return proc
 
 
-def losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_matches(run: Path, reference: Path) -> None:
-    from medvlm3d.model.checkpoint import load_pretrained
-
-    got, want = losses(run), losses(reference)
-    assert len(got) == len(want) == STEPS
-    assert got == pytest.approx(want, rel=RTOL)
-    a = load_pretrained(run / "final").state_dict()
-    b = load_pretrained(reference / "final").state_dict()
-    assert set(a) == set(b)
-    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-    assert worst <= WEIGHT_ATOL, worst
-
-
 @pytest.mark.slow
-def test_ddp_two_processes_match_one(data, reference) -> None:
-    out = data["root"] / "ddp"
-    proc = launch("ddp", data, out)
+def test_ddp_two_processes_match_one(dist_data, dist_reference) -> None:
+    out = dist_data["root"] / "ddp"
+    proc = launch("ddp", dist_data, out)
     assert "MULTI_CPU, 2 process(es)" in proc.stderr
-    assert_matches(out, reference)
+    assert_matches(out, dist_reference)
 
 
 @pytest.mark.slow
-def test_zero2_two_processes_match_one_and_resume_exactly(data, reference) -> None:
+def test_zero2_two_processes_match_one_and_resume_exactly(dist_data, dist_reference) -> None:
     import shutil
 
-    out = data["root"] / "zero2"
-    proc = launch("zero2", data, out, "train.save_every=2", "train.keep_last=2")
+    out = dist_data["root"] / "zero2"
+    proc = launch("zero2", dist_data, out, "train.save_every=2", "train.keep_last=2")
     assert "DEEPSPEED, 2 process(es)" in proc.stderr
-    assert_matches(out, reference)
+    assert_matches(out, dist_reference)
     # Resume from the step-2 checkpoint (DeepSpeed's sharded optimizer state) in a new run folder.
-    again = data["root"] / "zero2_resumed"
+    again = dist_data["root"] / "zero2_resumed"
     shutil.copytree(out / "checkpoints" / "step-000002", again / "checkpoints" / "step-000002")
-    launch("zero2", data, again, "train.save_every=2", "train.keep_last=2", "train.resume=auto")
+    launch("zero2", dist_data, again, "train.save_every=2", "train.keep_last=2", "train.resume=auto")
     assert read_progress(again / "checkpoints" / f"step-{STEPS:06d}")["loss_history"] == \
         read_progress(out / "checkpoints" / f"step-{STEPS:06d}")["loss_history"]
 
 
 @pytest.mark.slow
-def test_zero3_saves_gathered_weights_that_load_for_inference(data, reference) -> None:
+def test_zero3_saves_gathered_weights_that_load_for_inference(dist_data, dist_reference) -> None:
     from medvlm3d.data.collate import Collator
     from medvlm3d.data.dataset import StudyDataset
     from medvlm3d.data.readers import read_records
     from medvlm3d.model.checkpoint import load_pretrained
 
-    out = data["root"] / "zero3"
-    launch("zero3", data, out, "train.save_every=2", "train.keep_last=1")
+    out = dist_data["root"] / "zero3"
+    launch("zero3", dist_data, out, "train.save_every=2", "train.keep_last=1")
     assert [p.name for p in complete_checkpoints(out)] == [f"step-{STEPS:06d}"]
     assert read_progress(complete_checkpoints(out)[-1])["layout"]["processes"] == 2
-    assert_matches(out, reference)
+    assert_matches(out, dist_reference)
 
     model = load_pretrained(out / "final")
-    ds = StudyDataset(read_records(data["manifest"])[:2], model.cfg.data, model.tokenizer, model.num_visual_tokens)
+    ds = StudyDataset(read_records(dist_data["manifest"])[:2], model.cfg.data, model.tokenizer, model.num_visual_tokens)
     batch = Collator(model.tokenizer.pad_token_id)([ds[0], ds[1]])
     with torch.no_grad():
         result = model(**batch)
