@@ -44,6 +44,8 @@ from torch import nn
 
 from medvlm3d.config_fields import PLANES, check_choice
 from medvlm3d.data.errors import ConfigError
+from medvlm3d.data.select.base import VoteMIConfig
+from medvlm3d.data.select.votek import VoteMI, intensity_features
 from medvlm3d.model.inter_slice import sinusoid
 from medvlm3d.registry import Registry
 
@@ -58,6 +60,9 @@ class TGISConfig:
     text_encoder: str = ""  # local HF folder when text_source == "hf"
     pos_embed: bool = False  # add a learned slice-position (and plane) embedding to each slice's tokens
     scorer: str = "med2e3"  # slice scorer (SCORERS below): med2e3 (z.t/tau) | context (+ gated cross-slice term)
+    # what the `context` scorer's cross-slice term compares: "intensity" (the Vote-MI teacher's own
+    # slice features, computed from the slices, no gradient) or "tokens" (the descriptors z)
+    context_features: str = "tokens"
     # Dropout on the scores used for the fusion (Med-2E3: 0.1); `TGISOutput.scores` stay undropped
     score_dropout: float = 0.0
     text_pooling: str = "mean"  # text_source hf: mean | cls | pooler (BERT pooler_output, as Med-2E3)
@@ -69,6 +74,7 @@ class TGISConfig:
             raise ConfigError(f"tgis.top_k must be >= 0, got {self.top_k}")
         check_choice("tgis.text_source", self.text_source, ("llm", "hf"))
         check_choice("tgis.text_pooling", self.text_pooling, ("mean", "cls", "pooler"))
+        check_choice("tgis.context_features", self.context_features, ("intensity", "tokens"))
         if not 0.0 <= self.score_dropout < 1.0:
             raise ConfigError(f"tgis.score_dropout must be in [0, 1), got {self.score_dropout}")
 
@@ -82,6 +88,7 @@ POS_SCALE = 100.0
 
 
 SCORERS = Registry("slice scorer")
+INTENSITY_TEMPS = (0.03, 0.1, 0.3)  # the context scorer's cosine temperatures on intensity features
 
 
 @dataclass
@@ -166,7 +173,7 @@ class TGIS(nn.Module):
     """Text-guided inter-slice scores and fusion. Parameters: `text_proj`, and with
     `cfg.pos_embed` the slice-position map `pos_proj` (zero-initialised) and `plane_embed`."""
 
-    def __init__(self, cfg: TGISConfig, dim: int, text_dim: int) -> None:
+    def __init__(self, cfg: TGISConfig, dim: int, text_dim: int, vote_mi: VoteMIConfig | None = None) -> None:
         super().__init__()
         if not (isinstance(dim, int) and dim > 0 and isinstance(text_dim, int) and text_dim > 0):
             raise ValueError(f"TGIS: dim and text_dim must be positive integers, got {dim!r}, {text_dim!r}")
@@ -188,7 +195,8 @@ class TGIS(nn.Module):
             nn.init.zeros_(self.pos_proj.bias)
             self.plane_embed = nn.Embedding(len(PLANES), dim)
             nn.init.zeros_(self.plane_embed.weight)
-        self.scorer = SCORERS.build(cfg.scorer, cfg, dim)  # built last: the layers above keep their init
+        # built last: the layers above keep their init; `vote_mi` sets the intensity context's vote-k
+        self.scorer = SCORERS.build(cfg.scorer, cfg, dim, vote_mi=vote_mi or VoteMIConfig())
         self.score_dropout = nn.Dropout(cfg.score_dropout) if cfg.score_dropout > 0 else None
 
     def position_embedding(self, slice_pos: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
@@ -239,8 +247,10 @@ class TGIS(nn.Module):
         slice_pos: torch.Tensor,
         slice_plane: torch.Tensor,
         mask: torch.Tensor,
+        slices: torch.Tensor | None = None,
     ) -> TGISOutput:
-        """See the module docstring for shapes."""
+        """See the module docstring for shapes; `slices` [B, S, 1, h, w] go to a scorer that reads
+        them (`reads_slices`, e.g. `context` on intensity features)."""
         grid = tuple(int(g) for g in grid)  # type: ignore[assignment]
         self._check(x3d, grid, v, text, slice_pos, slice_plane, mask)
         plane = torch.where(mask, slice_plane.long(), torch.zeros_like(slice_plane, dtype=torch.long))
@@ -249,7 +259,10 @@ class TGIS(nn.Module):
             v = v + pe.unsqueeze(2).to(v.dtype)
         z = slice_descriptors(x3d, grid, v, slice_pos, plane)  # [B, S, D]
         t = self.text_proj(text.to(self.text_proj.weight.dtype))  # [B, D]
-        logits = self.scorer(z, t, mask)  # [B, S] float32
+        if getattr(self.scorer, "reads_slices", False):
+            logits = self.scorer(z, t, mask, slices=slices, slice_plane=plane)  # [B, S] float32
+        else:
+            logits = self.scorer(z, t, mask)
         keep = mask if self.top_k == 0 else topk_mask(logits, mask, self.top_k)
         scores = masked_softmax(logits, keep)
         fused = scores if self.score_dropout is None else self.score_dropout(scores)
@@ -273,7 +286,7 @@ class Med2E3Scorer(nn.Module):
 
 
 @SCORERS.register("med2e3")
-def _med2e3(cfg: TGISConfig, dim: int) -> nn.Module:
+def _med2e3(cfg: TGISConfig, dim: int, vote_mi: VoteMIConfig | None = None) -> nn.Module:
     return Med2E3Scorer(cfg, dim)
 
 
@@ -306,39 +319,81 @@ class ContextScorer(nn.Module):
     """
 
     def __init__(self, cfg: TGISConfig, dim: int, hidden: int = 64, temp: float = 0.1,
-                 normalise_text: bool = True, use_h: bool = False) -> None:
+                 normalise_text: bool = True, use_h: bool = False, vote_mi: VoteMIConfig | None = None) -> None:
         super().__init__()
         self.tau = float(cfg.tau)
         self.temp = temp
         self.normalise_text, self.use_h = normalise_text, use_h
-        self.proj = nn.Linear(dim, hidden)
-        self.mlp = nn.Sequential(nn.Linear(hidden * use_h + 2, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.vote_mi = VoteMI(vote_mi or VoteMIConfig())
+        self.on_intensity = self.reads_slices = cfg.context_features == "intensity"
+        # tokens: a learned metric h = W c at one temperature; intensity: the teacher's own
+        # cosine (no projection: 2*3 scalars per slice, nothing to over-fit) at three temperatures
+        self.proj = None if self.on_intensity else nn.Linear(dim, hidden)
+        self.temps = INTENSITY_TEMPS if self.on_intensity else (temp,)
+        if use_h and self.proj is None:
+            raise ConfigError("tgis.context_features=intensity has no learned h for use_h to read")
+        self.mlp = nn.Sequential(nn.Linear(hidden * use_h + 2 * len(self.temps) + 2 * self.on_intensity, hidden), nn.GELU(), nn.Linear(hidden, 1))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
         self.gate = nn.Linear(dim, 1)
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, math.log(math.e - 1.0))  # softplus -> 1
 
-    def context(self, c: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """[B, S] float32 context logits from the normalised descriptors c [B, S, D]."""
-        h = self.proj(c.to(self.proj.weight.dtype)).float()  # [B, S, H]; the head may be bf16
-        hn = nn.functional.normalize(h, dim=-1)
-        sim = torch.einsum("bjh,bkh->bjk", hn, hn) / self.temp
+    @staticmethod
+    def relations(hn: torch.Tensor, mask: torch.Tensor, temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit vectors hn [B, S, H] -> (soft in-votes [B, S], soft density [B, S]) at `temp`."""
+        sim = torch.einsum("bjh,bkh->bjk", hn, hn) / temp
         eye = torch.eye(sim.shape[-1], dtype=torch.bool, device=sim.device)
         pair = mask.unsqueeze(1) & mask.unsqueeze(2) & ~eye
         sim = sim.masked_fill(~pair, float("-inf"))
         has_other = pair.any(-1, keepdim=True)  # a single-slice volume has no neighbours
         vote = torch.where(has_other, torch.softmax(sim, dim=-1), torch.zeros_like(sim))  # [B, voter k, j]
         votes = vote.sum(1) * mask  # [B, S]: soft count of the slices that vote for j
-        density = torch.where(has_other.squeeze(-1), torch.logsumexp(sim, dim=-1), torch.zeros_like(votes)) * self.temp
-        x = torch.cat([h] * self.use_h + [votes.unsqueeze(-1), density.unsqueeze(-1) * mask.unsqueeze(-1)], dim=-1)
-        return self.mlp(nn.functional.gelu(x).to(self.proj.weight.dtype)).squeeze(-1).float()
+        density = torch.where(has_other.squeeze(-1), torch.logsumexp(sim, dim=-1), torch.zeros_like(votes)) * temp
+        return votes, density * mask
 
-    def forward(self, z: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def context(self, c: torch.Tensor, mask: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, S] float32 context logits from the normalised descriptors c [B, S, D] (and per-slice
+        inputs `extra` [B, S, E] for the MLP)."""
+        dtype = self.gate.weight.dtype  # the head may be bf16
+        h = c.float() if self.proj is None else self.proj(c.to(dtype)).float()  # [B, S, H]
+        hn = nn.functional.normalize(h, dim=-1)
+        rel = [x.unsqueeze(-1) for temp in self.temps for x in self.relations(hn, mask, temp)]
+        x = torch.cat([h] * self.use_h + rel + ([] if extra is None else [extra.float()]), dim=-1)
+        return self.mlp(nn.functional.gelu(x).to(dtype)).squeeze(-1).float()
+
+    @torch.no_grad()
+    def intensity_inputs(self, slices: torch.Tensor, mask: torch.Tensor,
+                         plane: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """slices [B, S, 1, h, w] -> (the teacher's intensity features [B, S, F], vote-k on them
+        [B, S, 2]: in-votes / their max, and 1 on the picks), both without gradient."""
+        feats = intensity_features(slices.float(), size=self.vote_mi.cfg.feature_size, mask=mask)
+        vk = torch.zeros(*mask.shape, 2)
+        for i, planes in enumerate(self.vote_mi.select(feats, mask, plane)):
+            for r in planes.values():
+                vk[i, :, 0] += (r.votes / r.votes.max().clamp_min(1.0)).float()
+                vk[i, r.picks, 1] = 1.0
+        return feats, vk.to(feats.device)
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, slices: torch.Tensor | None = None,
+                slice_plane: torch.Tensor | None = None) -> torch.Tensor:
+        """z [B, S, D], t [B, D], mask [B, S]; slices [B, S, 1, h, w] in [0, 1] (and slice_plane
+        [B, S], default all axial), needed when the context term reads the intensity features."""
+        if not self.on_intensity:
+            return self.scores_from(z, t, mask)
+        if slices is None:
+            raise ValueError("ContextScorer: tgis.context_features=intensity needs the slices [B, S, 1, h, w]")
+        plane = torch.zeros_like(mask, dtype=torch.long) if slice_plane is None else slice_plane
+        return self.scores_from(z, t, mask, *self.intensity_inputs(slices, mask, plane))
+
+    def scores_from(self, z: torch.Tensor, t: torch.Tensor, mask: torch.Tensor,
+                    feats: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits with the context term on `feats` [B, S, F] (None: on the descriptors z)."""
         c = volume_normalised(z.float(), mask)
         text = torch.einsum("bsd,bd->bs", c if self.normalise_text else z.float(), t.float()) / self.tau
         gate = nn.functional.softplus(self.gate(t.to(self.gate.weight.dtype)).float())  # [B, 1]
-        return text + gate * self.context(c, mask)
+        ctx = c if feats is None else volume_normalised(feats.float(), mask)
+        return text + gate * self.context(ctx, mask, extra)
 
 
 @SCORERS.register("context")
