@@ -44,7 +44,7 @@ def job(cmd: list[str], log: Path, threads: int) -> int:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as fh:
-        return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+        return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, check=False).returncode
 
 
 def kl_of(run: Path) -> tuple[float, float]:

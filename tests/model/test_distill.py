@@ -148,7 +148,7 @@ def test_intensity_context_follows_the_teacher_on_unseen_studies(frozen) -> None
     assert study is not None and len(set(study)) >= 4
     seen = set(sorted(set(study))[: len(set(study)) // 2])
     fit = torch.tensor([s in seen for s in study])
-    sub = lambda x, rows: x[rows] if torch.is_tensor(x) else x  # noqa: E731
+    sub = lambda x, rows: x[rows] if torch.is_tensor(x) else x
     split = {name: {k: sub(v, rows) for k, v in frozen["inputs"].items()} | {"slices": frozen["slices"][rows]}
              for name, rows in (("fit", fit), ("new", ~fit))}
     torch.manual_seed(0)

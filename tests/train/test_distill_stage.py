@@ -14,10 +14,10 @@ import json
 from pathlib import Path
 
 import pytest
-
-from medvlm3d.config import load_config
 from medvlm3d.train.demo import UNSUPERVISED_CONFIG, demo_overrides, strip_slice_labels
 from medvlm3d.train.recipe import run_training
+
+from medvlm3d.config import load_config
 
 from .recipe_helpers import metrics, tiny
 
@@ -42,7 +42,7 @@ def test_distill_only_stage_halves_the_kl(phantom, tmp_path: Path) -> None:
 
 
 def test_unsupervised_training_never_reads_slice_labels(phantom, tmp_path: Path, monkeypatch) -> None:
-    import medvlm3d.data.dataset as dataset
+    from medvlm3d.data import dataset
 
     labelled = phantom["all"]
     assert "slice_labels" in labelled.read_text()
