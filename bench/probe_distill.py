@@ -15,7 +15,9 @@ at the end, as a fraction of the start, and on the held-out split:
     mlp       MLP(z_j) -> logit (no context)
     centred   MLP((z_j - mean_k z_k) / rms): context = the volume mean and spread
     attn      one self-attention layer over the slices' centred z -> logit
-    context   the `context` scorer of model/tgis.py (text term + gated context term)
+    context   the `context` scorer of model/tgis.py (text term + gated context term), its context
+              term on the descriptors z (`tgis.context_features: tokens`) or on the teacher's own
+              intensity features of the slices (`intensity`)
 
 Last, whether the question still steers: med2e3 and context fitted on the supervised slice loss
 (alone, and + the KL), with their mass on the asked lesion's slices, train and held-out.
@@ -37,9 +39,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from medvlm3d.config import TGISConfig, load_config
+from medvlm3d.config import TGISConfig, VoteMIConfig, load_config
 from medvlm3d.model.tgis import SCORERS, ContextScorer, masked_softmax, slice_descriptors, volume_normalised
-from medvlm3d.data.select.votek import intensity_features
+from medvlm3d.data.select.votek import VoteMI, intensity_features
 from medvlm3d.train.losses import distillation_loss, slice_loss
 
 Head = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # features -> logits [N, S]
@@ -71,6 +73,7 @@ def features(config: str, out: Path, n_train: int, n_test: int, teacher: str, in
         torch.manual_seed(0)
         vlm = (init_from_checkpoint(cfg, init_from) if init_from else build_model(cfg)).eval()
         ds, collate = build_train_data(cfg, vlm.tokenizer, vlm.num_visual_tokens)
+        vmi = VoteMI(cfg.model.vote_mi)
         rows: dict[str, list[torch.Tensor]] = {}
         for i in range(0, len(ds), 16):
             b = collate([ds[j] for j in range(i, min(i + 16, len(ds)))])
@@ -80,14 +83,17 @@ def features(config: str, out: Path, n_train: int, n_test: int, teacher: str, in
             mask, plane = b["slice_mask"], b["slice_plane"]
             z = slice_descriptors(x3d, vlm.projector3d.out_grid, v, b["slice_pos"], plane)
             vmf = intensity_features(b["slices"], size=cfg.model.vote_mi.feature_size, mask=mask)
-            q = vlm.vote_mi.teacher(vmf, mask, plane)
-            votes = torch.stack([next(iter(r.values())).votes.float() for r in vlm.vote_mi.select(vmf, mask, plane)])
+            q = vmi.teacher(vmf, mask, plane)
+            votes = torch.stack([next(iter(r.values())).votes.float() for r in vmi.select(vmf, mask, plane)])
+            vk = ContextScorer(TGISConfig(scorer="context", context_features="intensity"), 8,
+                               vote_mi=cfg.model.vote_mi).intensity_inputs(b["slices"], mask, plane)[1]
             vflat = v.flatten(2)  # [N, S, T*D]: the slice tokens, not pooled
-            picks_on = {name: vlm.vote_mi.teacher(feat, mask, plane) for name, feat in (("z", z), ("v", vflat))}
-            for k, t in dict(z=z, vflat=vflat, q_z=picks_on["z"], q_v=picks_on["v"], text=text, mask=mask, q=q, votes=votes, target=b["slice_target"],
+            picks_on = {name: vmi.teacher(feat, mask, plane) for name, feat in (("z", z), ("v", vflat))}
+            for k, t in dict(z=z, vflat=vflat, vmf=vmf, vk=vk, q_z=picks_on["z"], q_v=picks_on["v"], text=text, mask=mask, q=q, votes=votes, target=b["slice_target"],
                              has_target=b["has_slice_target"]).items():
                 rows.setdefault(k, []).append(t.float() if t.is_floating_point() else t)
         result[split] = {k: torch.cat(v) for k, v in rows.items()}
+        result[split]["vote_mi"] = cfg.model.vote_mi  # type: ignore[assignment]
         result[split]["num_picks"] = torch.tensor(cfg.model.vote_mi.num_picks)
         result[split]["text_dim"] = torch.tensor(text.shape[-1])
     return result
@@ -160,6 +166,18 @@ class Registered(nn.Module):
 
     def forward(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.scorer(f[self.key], self.text_proj(f["text"]), f["mask"])
+
+
+class OnIntensity(Registered):
+    """The `context` scorer with its cross-slice term on the teacher's intensity features."""
+
+    def __init__(self, dim: int, text_dim: int, tau: float, vote_mi: VoteMIConfig) -> None:
+        super().__init__("context", dim, text_dim, tau)
+        self.scorer = ContextScorer(TGISConfig(tau=tau, scorer="context", context_features="intensity"), dim,
+                                    vote_mi=vote_mi)
+
+    def forward(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.scorer.scores_from(f["z"], self.text_proj(f["text"]), f["mask"], f["vmf"], f["vk"])
 
 
 class SimOnly(nn.Module):
@@ -236,6 +254,7 @@ def main() -> None:
     p.add_argument("--teacher", default="picks", choices=["picks", "votes"])
     p.add_argument("--init-from", default="", help="a stage export (e.g. a stage0_clip run's final/) for the encoders")
     p.add_argument("--tokenizer", default="", help="the tokenizer that export was trained with (with --init-from)")
+    p.add_argument("--quick", action="store_true", help="only med2e3, context on tokens and context on intensity")
     a = p.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
@@ -270,6 +289,11 @@ def main() -> None:
             for kw in (dict(normalise_text=False), dict(use_h=True), dict(normalise_text=False, use_h=True)):
                 heads[f"scorer '{name}' {kw}"] = lambda name=name, kw=kw: Registered(name, d, dt, 5.0, **kw)
             heads[f"scorer '{name}' on the unpooled slice tokens"] = lambda name=name: Registered(name, dv, dt, 5.0, "vflat")
+    for tau in (5.0, 1.0):
+        heads[f"scorer 'context' on intensity features tau={tau:g}"] = lambda tau=tau: OnIntensity(d, dt, tau, tr["vote_mi"])
+    if a.quick:
+        heads = {k: heads[k] for k in ("med2e3 tau=5, default init", "scorer 'context' tau=5",
+                                       "scorer 'context' on intensity features tau=5")}
     print("| head | KL start | KL end | end/start | held-out start | held-out end | held-out end/start | held-out best |")
     print("|---|---|---|---|---|---|---|---|")
     for name, make in heads.items():
@@ -278,7 +302,8 @@ def main() -> None:
         r = fit(head, tr, None if isinstance(head, Free) else te, a.steps, a.lr)
         print(f"| {name} | {r['start']:.4f} | {r['end']:.4f} | {r['frac']:.3f} | {r['test_start']:.4f} | "
               f"{r['test_end']:.4f} | {r['test_frac']:.3f} | {r['test_best']:.4f} |", flush=True)
-    steer({"med2e3 tau=5": heads["med2e3 tau=5, default init"], "context tau=5": heads["scorer 'context' tau=5"]},
+    steer({"med2e3 tau=5": heads["med2e3 tau=5, default init"], "context tau=5": heads["scorer 'context' tau=5"],
+           "context on intensity tau=5": heads["scorer 'context' on intensity features tau=5"]},
           tr, te, a.steps, a.lr)
     print(f"# {a.steps} Adam steps at lr {a.lr:g}, full batch, 1 thread; {time.time() - t0:.0f}s in all")
 

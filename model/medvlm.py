@@ -130,7 +130,7 @@ class MedVLM(nn.Module):
             if mc.tgis.text_source == "hf":
                 self.text_encoder = TextEncoder(mc.tgis.text_encoder, out_pooling=mc.tgis.text_pooling)
                 text_dim = self.text_encoder.out_dim
-            self.tgis = TGIS(mc.tgis, width, text_dim)
+            self.tgis = TGIS(mc.tgis, width, text_dim, vote_mi=mc.vote_mi)
         apply_trainable_policy(self.components(), mc.trainable)
         self.feature_cache: FeatureCache | None = None  # enable_feature_cache; never saved
         self._cached_encoders: tuple[str, ...] = ()
@@ -292,7 +292,7 @@ class MedVLM(nn.Module):
             chosen = torch.gather(v, 1, repeat(picks, "n p -> n p t d", t=v.shape[2], d=v.shape[3]))
             return VisualOutput(tokens=rearrange(chosen, "n p t d -> n (p t) d"), teacher=teacher, picks=picks)
 
-        out = self.tgis(x3d, self.projector3d.out_grid, v, text, slice_pos, slice_plane, slice_mask)
+        out = self.tgis(x3d, self.projector3d.out_grid, v, text, slice_pos, slice_plane, slice_mask, slices=slices)
         tokens = torch.cat([x3d, out.z2d], dim=1)
         return VisualOutput(tokens=tokens, scores=out.scores, logits=out.logits, teacher=teacher)
 

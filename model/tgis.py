@@ -18,7 +18,8 @@ scores and fuses exactly as one without it.
 The logits come from the slice scorer named by `cfg.scorer` (registry `SCORERS`; a scorer maps
 z [B, S, D], t [B, D], mask [B, S] -> logits [B, S] float32): "med2e3" (default) is the formula
 above; "context" adds a gated cross-slice term that can follow the Vote-MI teacher
-(`ContextScorer`, docs/distillation.md).
+(`ContextScorer`, on the slices' intensity features with `cfg.context_features: intensity`;
+model/slice_scorers.py, docs/distillation.md).
 
 With `cfg.top_k > 0` only the k highest-scoring real slices keep mass (a softmax renormalised
 over those); the others are exactly 0, and gradients still flow through the kept logits.
@@ -36,16 +37,15 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from einops import rearrange, reduce
+from medvlm3d.data.errors import ConfigError
+from medvlm3d.data.select.base import VoteMIConfig
+from medvlm3d.model.inter_slice import sinusoid
 from torch import nn
 
 from medvlm3d.config_fields import PLANES, check_choice
-from medvlm3d.data.errors import ConfigError
-from medvlm3d.model.inter_slice import sinusoid
-from medvlm3d.registry import Registry
 
 
 @dataclass
@@ -58,6 +58,9 @@ class TGISConfig:
     text_encoder: str = ""  # local HF folder when text_source == "hf"
     pos_embed: bool = False  # add a learned slice-position (and plane) embedding to each slice's tokens
     scorer: str = "med2e3"  # slice scorer (SCORERS below): med2e3 (z.t/tau) | context (+ gated cross-slice term)
+    # what the `context` scorer's cross-slice term compares: "intensity" (the Vote-MI teacher's own
+    # slice features, computed from the slices, no gradient) or "tokens" (the descriptors z)
+    context_features: str = "tokens"
     # Dropout on the scores used for the fusion (Med-2E3: 0.1); `TGISOutput.scores` stay undropped
     score_dropout: float = 0.0
     text_pooling: str = "mean"  # text_source hf: mean | cls | pooler (BERT pooler_output, as Med-2E3)
@@ -69,6 +72,7 @@ class TGISConfig:
             raise ConfigError(f"tgis.top_k must be >= 0, got {self.top_k}")
         check_choice("tgis.text_source", self.text_source, ("llm", "hf"))
         check_choice("tgis.text_pooling", self.text_pooling, ("mean", "cls", "pooler"))
+        check_choice("tgis.context_features", self.context_features, ("intensity", "tokens"))
         if not 0.0 <= self.score_dropout < 1.0:
             raise ConfigError(f"tgis.score_dropout must be in [0, 1), got {self.score_dropout}")
 
@@ -81,7 +85,6 @@ Grid = tuple[int, int, int]
 POS_SCALE = 100.0
 
 
-SCORERS = Registry("slice scorer")
 
 
 @dataclass
@@ -166,7 +169,7 @@ class TGIS(nn.Module):
     """Text-guided inter-slice scores and fusion. Parameters: `text_proj`, and with
     `cfg.pos_embed` the slice-position map `pos_proj` (zero-initialised) and `plane_embed`."""
 
-    def __init__(self, cfg: TGISConfig, dim: int, text_dim: int) -> None:
+    def __init__(self, cfg: TGISConfig, dim: int, text_dim: int, vote_mi: VoteMIConfig | None = None) -> None:
         super().__init__()
         if not (isinstance(dim, int) and dim > 0 and isinstance(text_dim, int) and text_dim > 0):
             raise ValueError(f"TGIS: dim and text_dim must be positive integers, got {dim!r}, {text_dim!r}")
@@ -188,7 +191,8 @@ class TGIS(nn.Module):
             nn.init.zeros_(self.pos_proj.bias)
             self.plane_embed = nn.Embedding(len(PLANES), dim)
             nn.init.zeros_(self.plane_embed.weight)
-        self.scorer = SCORERS.build(cfg.scorer, cfg, dim)  # built last: the layers above keep their init
+        # built last: the layers above keep their init; `vote_mi` sets the intensity context's vote-k
+        self.scorer = SCORERS.build(cfg.scorer, cfg, dim, vote_mi=vote_mi or VoteMIConfig())
         self.score_dropout = nn.Dropout(cfg.score_dropout) if cfg.score_dropout > 0 else None
 
     def position_embedding(self, slice_pos: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
@@ -239,8 +243,10 @@ class TGIS(nn.Module):
         slice_pos: torch.Tensor,
         slice_plane: torch.Tensor,
         mask: torch.Tensor,
+        slices: torch.Tensor | None = None,
     ) -> TGISOutput:
-        """See the module docstring for shapes."""
+        """See the module docstring for shapes; `slices` [B, S, 1, h, w] go to a scorer that reads
+        them (`reads_slices`, e.g. `context` on intensity features)."""
         grid = tuple(int(g) for g in grid)  # type: ignore[assignment]
         self._check(x3d, grid, v, text, slice_pos, slice_plane, mask)
         plane = torch.where(mask, slice_plane.long(), torch.zeros_like(slice_plane, dtype=torch.long))
@@ -249,7 +255,10 @@ class TGIS(nn.Module):
             v = v + pe.unsqueeze(2).to(v.dtype)
         z = slice_descriptors(x3d, grid, v, slice_pos, plane)  # [B, S, D]
         t = self.text_proj(text.to(self.text_proj.weight.dtype))  # [B, D]
-        logits = self.scorer(z, t, mask)  # [B, S] float32
+        if getattr(self.scorer, "reads_slices", False):
+            logits = self.scorer(z, t, mask, slices=slices, slice_plane=plane)  # [B, S] float32
+        else:
+            logits = self.scorer(z, t, mask)
         keep = mask if self.top_k == 0 else topk_mask(logits, mask, self.top_k)
         scores = masked_softmax(logits, keep)
         fused = scores if self.score_dropout is None else self.score_dropout(scores)
@@ -257,90 +266,10 @@ class TGIS(nn.Module):
         return TGISOutput(scores=scores, z2d=z2d, logits=logits)
 
 
-# --------------------------------------------------------------------------------------------
-# slice scorers: (z [B, S, D], t [B, D], mask [B, S] bool) -> logits [B, S] float32
-
-
-class Med2E3Scorer(nn.Module):
-    """Med-2E3's head: logits_j = (z_j . t) / tau. No parameters (t's map is TGIS.text_proj)."""
-
-    def __init__(self, cfg: TGISConfig, dim: int) -> None:
-        super().__init__()
-        self.tau = float(cfg.tau)
-
-    def forward(self, z: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("bsd,bd->bs", z.float(), t.float()) / self.tau
-
-
-@SCORERS.register("med2e3")
-def _med2e3(cfg: TGISConfig, dim: int) -> nn.Module:
-    return Med2E3Scorer(cfg, dim)
-
-
-def volume_normalised(z: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """c [B, S, D]: (z_j - mean of the volume's real slices) / their rms spread; 0 on padding.
-
-    Mean-pooled descriptors differ little from slice to slice (|z_j - mean z| ~ 1% of |z| on the
-    phantoms, docs/distillation.md): this is what is left of them once the volume is taken out.
-    """
-    m = mask.unsqueeze(-1).to(z.dtype)
-    n = m.sum(1, keepdim=True).clamp_min(1.0)
-    c = (z - (z * m).sum(1, keepdim=True) / n) * m
-    rms = (c.pow(2).sum((1, 2), keepdim=True) / (n * z.shape[-1])).sqrt()
-    return c / (rms + eps)
-
-
-class ContextScorer(nn.Module):
-    """logits_j = (c_j . t) / tau + g(t) * context_j, c = volume_normalised(z).
-
-    - text term: Med-2E3's z_j . t / tau up to a per-volume shift (which the softmax ignores)
-      and the per-volume scale 1 / rms, so the question's steer is not drowned by the slices'
-      likeness (`normalise_text=False`: Med-2E3's term on z as it is);
-    - context term: an MLP over [soft in-votes_j, soft density_j] of h = W c, where the in-votes
-      (how many slices find j among their nearest: a softmax over the cosine similarities of the
-      h) and the density (logsumexp of j's similarities) tell "representative of the rest", which
-      no function of z_j alone can (`use_h=True`: the MLP also reads h_j; fitted the Vote-MI
-      teacher worse on the demo, docs/distillation.md);
-    - gate g(t) = softplus(a . t + b), the question decides how much the prior counts.
-    The MLP's output layer starts at zero: a new head scores like its text term alone.
-    """
-
-    def __init__(self, cfg: TGISConfig, dim: int, hidden: int = 64, temp: float = 0.1,
-                 normalise_text: bool = True, use_h: bool = False) -> None:
-        super().__init__()
-        self.tau = float(cfg.tau)
-        self.temp = temp
-        self.normalise_text, self.use_h = normalise_text, use_h
-        self.proj = nn.Linear(dim, hidden)
-        self.mlp = nn.Sequential(nn.Linear(hidden * use_h + 2, hidden), nn.GELU(), nn.Linear(hidden, 1))
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
-        self.gate = nn.Linear(dim, 1)
-        nn.init.zeros_(self.gate.weight)
-        nn.init.constant_(self.gate.bias, math.log(math.e - 1.0))  # softplus -> 1
-
-    def context(self, c: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """[B, S] float32 context logits from the normalised descriptors c [B, S, D]."""
-        h = self.proj(c.to(self.proj.weight.dtype)).float()  # [B, S, H]; the head may be bf16
-        hn = nn.functional.normalize(h, dim=-1)
-        sim = torch.einsum("bjh,bkh->bjk", hn, hn) / self.temp
-        eye = torch.eye(sim.shape[-1], dtype=torch.bool, device=sim.device)
-        pair = mask.unsqueeze(1) & mask.unsqueeze(2) & ~eye
-        sim = sim.masked_fill(~pair, float("-inf"))
-        has_other = pair.any(-1, keepdim=True)  # a single-slice volume has no neighbours
-        vote = torch.where(has_other, torch.softmax(sim, dim=-1), torch.zeros_like(sim))  # [B, voter k, j]
-        votes = vote.sum(1) * mask  # [B, S]: soft count of the slices that vote for j
-        density = torch.where(has_other.squeeze(-1), torch.logsumexp(sim, dim=-1), torch.zeros_like(votes)) * self.temp
-        x = torch.cat([h] * self.use_h + [votes.unsqueeze(-1), density.unsqueeze(-1) * mask.unsqueeze(-1)], dim=-1)
-        return self.mlp(nn.functional.gelu(x).to(self.proj.weight.dtype)).squeeze(-1).float()
-
-    def forward(self, z: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        c = volume_normalised(z.float(), mask)
-        text = torch.einsum("bsd,bd->bs", c if self.normalise_text else z.float(), t.float()) / self.tau
-        gate = nn.functional.softplus(self.gate(t.to(self.gate.weight.dtype)).float())  # [B, 1]
-        return text + gate * self.context(c, mask)
-
-
-@SCORERS.register("context")
-def _context(cfg: TGISConfig, dim: int, **kwargs: Any) -> nn.Module:
-    return ContextScorer(cfg, dim, **kwargs)
+# the scorers live in model/slice_scorers.py; imported last (they need TGISConfig only for typing)
+from medvlm3d.model.slice_scorers import (  # noqa: F401
+    SCORERS,
+    ContextScorer,
+    Med2E3Scorer,
+    volume_normalised,
+)

@@ -44,6 +44,47 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
                         "data.num_workers=1"),
 }
 TARGETS = {"closed_vqa_accuracy": 0.85, "presence_f1": 0.85, "slice_mass": 0.6, "blind_drop": 0.25}
+TEACHERS = ("off", "votes", "picks")  # model.vote_mi.teacher; "off" also sets train.distill_weight=0
+# `--unsupervised`: every stage trains on a copy of the train manifest without slice labels, the
+# supervised slice loss is off, and TG-IS uses the scorer that can follow the Vote-MI teacher.
+UNSUPERVISED_CONFIG = "demo_unsupervised"
+UNSUPERVISED_SETTINGS = ("train.slice_loss_weight=0",)
+
+
+def strip_slice_labels(manifest: Path, out: Path) -> Path:
+    """Copy `manifest` to `out` (same folder, so relative image paths hold) without any slice
+    label: the records' `slice_labels` and the phantoms' `meta.lesions[].slice_range` go."""
+    from medvlm3d.io import atomic_write_text
+
+    if out.parent.resolve() != manifest.parent.resolve():
+        raise ValueError(f"strip_slice_labels: {out} must sit beside {manifest}")
+    lines = []
+    for line in manifest.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        rec.pop("slice_labels", None)
+        for lesion in (rec.get("meta") or {}).get("lesions") or []:
+            lesion.pop("slice_range", None)
+        lines.append(json.dumps(rec))
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    return out
+
+
+def demo_overrides(teacher: str | None = None, seed: int | None = None, unsupervised: bool = False) -> list[str]:
+    """The `--set` overrides that `--teacher`, `--seed` and `--unsupervised` stand for."""
+    from medvlm3d.data.errors import ConfigError
+
+    out = list(UNSUPERVISED_SETTINGS) if unsupervised else []
+    if teacher is not None:
+        if teacher not in TEACHERS:
+            raise ConfigError(f"teacher must be one of {list(TEACHERS)}, got {teacher!r}")
+        out.append(f"model.vote_mi.teacher={teacher}")
+        if teacher == "off":
+            out.append("train.distill_weight=0")
+    if seed is not None:
+        out.append(f"train.seed={int(seed)}")
+    return out
 
 
 def make_data(out: Path, n_train: int, n_test: int) -> tuple[Path, Path, Path]:
@@ -124,23 +165,38 @@ def format_figures(figures: dict[str, float]) -> str:
 
 
 def run_demo(out: str | Path, n_train: int = 1000, n_test: int = 40, config: str = "demo",
-             overrides: Sequence[str] = (), skip_to: str | None = None, meteor: bool = False) -> dict[str, Any]:
+             overrides: Sequence[str] = (), skip_to: str | None = None, meteor: bool = False,
+             unsupervised: bool = False, teacher: str | None = None, seed: int | None = None,
+             stop_after: str | None = None) -> dict[str, Any]:
     """The whole demo in the run folder `out`; writes report.json and report.md there and returns
-    the report dict (figures, seconds, checkpoint, and the eval details)."""
+    the report dict (figures, seconds, checkpoint, the settings, and the eval details).
+    `unsupervised`: trained without slice labels (config "demo" -> UNSUPERVISED_CONFIG); `teacher`,
+    `seed`: see `demo_overrides`. `--set` overrides come last. `stop_after`: train up to and
+    including that stage, then return {"checkpoint": ...} without evaluating or writing a report."""
     from medvlm3d.data.errors import ConfigError
     from medvlm3d.io import atomic_write_text
 
-    if skip_to is not None and skip_to not in STAGES:
-        raise ConfigError(f"skip_to must be one of {list(STAGES)}, got {skip_to!r}")
+    for name, stage in (("skip_to", skip_to), ("stop_after", stop_after)):
+        if stage is not None and stage not in STAGES:
+            raise ConfigError(f"{name} must be one of {list(STAGES)}, got {stage!r}")
     out = Path(out)
     t0 = time.perf_counter()
     train, test, tok = make_data(out, n_train, n_test)
-    stages = STAGES if skip_to is None else STAGES[STAGES.index(skip_to):]
-    init = "" if skip_to in (None, STAGES[0]) else str(out / STAGES[STAGES.index(skip_to) - 1] / "final")
-    final = run_stages(out, train, tok, list(overrides), stages, init_from=init, config=config)
+    if unsupervised:
+        train = strip_slice_labels(train, train.with_name("manifest_unlabelled.jsonl"))
+        config = UNSUPERVISED_CONFIG if config == "demo" else config
+    settings = demo_overrides(teacher, seed, unsupervised) + list(overrides)
+    first = 0 if skip_to is None else STAGES.index(skip_to)
+    stages = STAGES[first:len(STAGES) if stop_after is None else STAGES.index(stop_after) + 1]
+    init = "" if first == 0 else str(out / STAGES[first - 1] / "final")
+    final = run_stages(out, train, tok, settings, stages, init_from=init, config=config)
+    if stop_after is not None and stop_after != STAGES[-1]:
+        return {"checkpoint": str(final), "seconds": time.perf_counter() - t0}
     result = evaluate_demo(final, test, out / "eval", meteor=meteor)
     result["seconds"] = time.perf_counter() - t0
     result["checkpoint"] = str(final)
+    result["settings"] = {"config": config, "unsupervised": unsupervised, "teacher": teacher, "seed": seed,
+                          "overrides": settings, "train_manifest": str(train)}
     atomic_write_text(out / "report.json", json.dumps(result, indent=2, default=float))
     table = format_figures(result["figures"])
     atomic_write_text(out / "report.md", f"# medvlm3d demo\n\ncheckpoint: `{final}`\n\n```\n{table}\n```\n")

@@ -42,7 +42,9 @@ def frozen(tiny_cfg, phantom_manifest) -> dict:
         teacher = VoteMI(vm).teacher(feats, b["slice_mask"], b["slice_plane"])
     inputs = dict(x3d=x3d, grid=vlm.projector3d.out_grid, v=v, text=text, slice_pos=b["slice_pos"],
                   slice_plane=b["slice_plane"], mask=b["slice_mask"])
-    return {"inputs": inputs, "teacher": teacher, "dim": v.shape[-1], "text_dim": text.shape[-1]}
+    study = [r["id"].split("_")[1] for r in ds.records] if hasattr(ds, "records") else None
+    return {"inputs": inputs, "teacher": teacher, "dim": v.shape[-1], "text_dim": text.shape[-1],
+            "slices": b["slices"], "study": study, "vote_mi": vm}
 
 
 def kl_fraction(frozen: dict, loss_fn: Loss, scorer: str = "context", steps: int = 60, lr: float = 1e-2) -> float:
@@ -134,3 +136,44 @@ def test_context_scorer_runs_in_bfloat16() -> None:
     out = scorer.to(torch.bfloat16)(z, t.bfloat16(), mask)  # a bf16 head; z's 1% spread kept in float32
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref, atol=0.1, rtol=0.05)
+
+
+def test_intensity_context_follows_the_teacher_on_unseen_studies(frozen) -> None:
+    """The fix of docs/distillation.md §4: with its cross-slice term on the teacher's own intensity
+    features, the context scorer fitted on half of the studies halves the KL on the other half
+    (on the descriptors z it cannot: every head fitted there ends above its start on new studies).
+    The head must be given the teacher's k and num_picks (MedVLM passes model.vote_mi): with
+    VoteMIConfig's defaults instead, the KL on the unseen half rises to 3x its start."""
+    study = frozen["study"]
+    assert study is not None and len(set(study)) >= 4
+    seen = set(sorted(set(study))[: len(set(study)) // 2])
+    fit = torch.tensor([s in seen for s in study])
+    sub = lambda x, rows: x[rows] if torch.is_tensor(x) else x
+    split = {name: {k: sub(v, rows) for k, v in frozen["inputs"].items()} | {"slices": frozen["slices"][rows]}
+             for name, rows in (("fit", fit), ("new", ~fit))}
+    torch.manual_seed(0)
+    head = TGIS(TGISConfig(scorer="context", context_features="intensity"), frozen["dim"], frozen["text_dim"],
+                vote_mi=frozen["vote_mi"])  # the teacher's k and num_picks, as MedVLM passes them
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+
+    def kl(name: str) -> torch.Tensor:
+        rows = fit if name == "fit" else ~fit
+        return distillation_loss(frozen["teacher"][rows], head(**split[name]).scores, split[name]["mask"])
+
+    with torch.no_grad():
+        start = float(kl("new"))
+    for _ in range(60):
+        loss = kl("fit")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        assert float(kl("new")) <= 0.5 * start
+
+
+def test_intensity_context_needs_the_slices() -> None:
+    head = TGIS(TGISConfig(scorer="context", context_features="intensity"), 8, 6)
+    assert head.scorer.reads_slices and not TGIS(TGISConfig(scorer="context"), 8, 6).scorer.reads_slices
+    z, t, mask = _scorer_inputs()
+    with pytest.raises(ValueError, match="needs the slices"):
+        head.scorer(z, t, mask)
