@@ -92,6 +92,8 @@ def main() -> int:
     p.add_argument("--teachers", default="off,votes,picks")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--tiny", action="store_true", help="dry run: tiny config, 3 steps a stage, 2 teachers x 2 seeds")
+    p.add_argument("--stage0", default="", help="a folder holding stage0_clip/final to share across the seeds "
+                   "(skips stage 0; the seeds then differ in stages 1-2 only)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every run")
     a = p.parse_args()
     out = Path(a.out).resolve()
@@ -123,9 +125,15 @@ def main() -> int:
                     "--skip-to", "stage1_align", *extra], run_dir / "log.txt")
 
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+        if a.stage0:  # one shared stage-0 export: each seed's stage0/ points at it
+            for s in seeds:
+                (out / f"seed{s}").mkdir(parents=True, exist_ok=True)
+                if not (out / f"seed{s}" / "stage0").exists():
+                    (out / f"seed{s}" / "stage0").symlink_to(Path(a.stage0).resolve())
         stage0: dict[int, Future] = {
-            s: pool.submit(run, [*base, "--out", str(out / f"seed{s}" / "stage0"), "--seed", str(s),
-                                 "--stop-after", "stage0_clip", *extra], out / f"seed{s}" / "stage0" / "log.txt")
+            s: pool.submit(lambda: 0) if a.stage0 else
+            pool.submit(run, [*base, "--out", str(out / f"seed{s}" / "stage0"), "--seed", str(s),
+                              "--stop-after", "stage0_clip", *extra], out / f"seed{s}" / "stage0" / "log.txt")
             for s in seeds}
         arms: dict[tuple[str, int], Future] = {}
         for s in seeds:  # each seed's arms start once its stage 0 is done
