@@ -14,6 +14,7 @@ PACKAGES = {
     "medvlm3d.data.formats": "data/formats",
     "medvlm3d.data.select": "data/select",
     "medvlm3d.train": "train",
+    "medvlm3d.train.stages": "train/stages",
     "medvlm3d.eval": "eval",
     "medvlm3d.eval.metrics": "eval/metrics",
     "medvlm3d.configs": "configs",

@@ -21,6 +21,20 @@ def test_bare_top_level_names_are_not_importable(tmp_path: Path) -> None:
     assert medvlm3d.load_config is load_config
 
 
+def test_setup_lists_every_subpackage() -> None:
+    """Every source folder with an __init__.py is in setup.py's PACKAGES: a folder left out is
+    absent from a non-editable install (train/stages once was, and only `pip install -e` worked)."""
+    import ast
+
+    tree = ast.parse((REPO / "setup.py").read_text())
+    listed = next(ast.literal_eval(n.value) for n in ast.walk(tree)
+                  if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "PACKAGES")
+    skip = {"tests", "bench", "examples", "docs", "build", "mutants", ".venv"}
+    folders = {str(f.parent.relative_to(REPO)) for f in REPO.rglob("__init__.py")
+               if not skip.intersection(f.relative_to(REPO).parts) and not f.relative_to(REPO).parts[0].startswith(".")}
+    assert folders == set(listed.values()), sorted(folders ^ set(listed.values()))
+
+
 @pytest.mark.slow
 def test_non_editable_install_imports(tmp_path: Path) -> None:
     """`pip install .` (not -e) gives a working package with its configs as package data."""
@@ -34,7 +48,8 @@ def test_non_editable_install_imports(tmp_path: Path) -> None:
     code = (
         "import medvlm3d, medvlm3d.config as c; "
         "assert medvlm3d.__file__.startswith(%r), medvlm3d.__file__; "
-        "print(c.load_config('demo').model.variant)" % str(target)
+        "import medvlm3d.train.stages, medvlm3d.data.formats, medvlm3d.data.select, medvlm3d.eval.metrics; "
+        "print(c.load_config('demo', overrides=['train.stage=stage1_align']).model.variant)" % str(target)
     )
     r = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {code}"],
                        cwd=tmp_path, capture_output=True, text=True)
