@@ -78,6 +78,17 @@ def test_unsupervised_training_never_reads_slice_labels(phantom, tmp_path: Path,
 def test_demo_overrides_teacher_off_turns_distillation_off() -> None:
     assert demo_overrides("off") == ["model.vote_mi.teacher=off", "train.distill_weight=0"]
     assert demo_overrides() == []
+
+
+def test_unsupervised_demo_defaults_to_no_teacher() -> None:
+    """The seed table (docs/experiments.md §12) found no teacher helping without slice labels:
+    `--unsupervised` alone trains without distillation, `--teacher picks` still turns it on."""
+    plain = demo_overrides(unsupervised=True)
+    assert "model.vote_mi.teacher=off" in plain and "train.distill_weight=0" in plain
+    picks = demo_overrides("picks", unsupervised=True)
+    assert "model.vote_mi.teacher=picks" in picks and "train.distill_weight=0" not in picks
+    cfg = load_config(UNSUPERVISED_CONFIG, layers=["stage1_align"])
+    assert cfg.model.vote_mi.teacher == "off"  # no teacher in the batch: the distill term is never added
     from medvlm3d.data.errors import ConfigError
 
     with pytest.raises(ConfigError, match="teacher"):
