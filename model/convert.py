@@ -16,12 +16,12 @@ nothing else is ever unpickled. The `medvlm3d convert SRC DST` verb calls this f
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from medvlm3d.data.errors import DataError
+from medvlm3d.io import atomic_file
 from medvlm3d.model.encoder3d import read_state_dict
 
 
@@ -33,15 +33,8 @@ def convert_to_safetensors(src: str | os.PathLike[str], dst: str | os.PathLike[s
     if out.resolve() == source.resolve():
         raise DataError(f"{out}: the output must differ from the input {source}")
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in read_state_dict(source, "weights").items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt", "converted_from": source.name})
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(out) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "converted_from": source.name})
     return out
 
 

@@ -12,6 +12,13 @@ checkpoints and `final/` export), eval/ (predictions and metrics) and report.jso
 Stage settings come from configs/demo.yaml layered with configs/stage*.yaml, then the demo's own
 per-stage settings (`STAGE_SETTINGS`: step counts and what stage 2 trains, chosen by measurement),
 then `--set` overrides, which apply to every stage (e.g. `--set model.vote_mi.teacher=votes`).
+
+Stopping and continuing: SIGTERM/SIGINT during a stage finishes its step, saves a checkpoint and
+raises `TrainingStopped` (train/loop.py); the demo then stops (exit 130) and says how to go on:
+run the same `medvlm3d demo --out <folder>` again. A second run on the folder reuses its data
+and tokenizer, skips the stages whose `final/` export exists (written atomically, so it is
+whole), and resumes the stopped stage from its newest checkpoint (`train.resume=auto`). One demo
+per folder at a time: the folder is locked like a run folder (train/runfolder.py).
 """
 
 from __future__ import annotations
@@ -51,12 +58,19 @@ def make_data(out: Path, n_train: int, n_test: int) -> tuple[Path, Path, Path]:
     from medvlm3d.data.readers import read_records
     from medvlm3d.data.synthetic import check_disjoint_seeds, corpus_texts, make_dataset
     from medvlm3d.data.tokenizer import train_tokenizer
+    from medvlm3d.io import atomic_dir
 
     check_disjoint_seeds((0, n_train), (1, n_test))
+    train, test = out / "data" / "train" / "manifest.jsonl", out / "data" / "test" / "manifest.jsonl"
+    tok = out / "tokenizer"
+    if all(p.exists() for p in (train, test, tok)) and \
+            (len(read_records(train)), len(read_records(test))) == (n_train, n_test):
+        log.info("reusing the data and tokenizer in %s (a continued demo)", out)
+        return train, test, tok
     train = make_dataset(out / "data" / "train", n_train, seed=0)
     test = make_dataset(out / "data" / "test", n_test, seed=1)
-    tok = out / "tokenizer"
-    train_tokenizer(corpus_texts(read_records(train)), tok, vocab_size=1000)
+    with atomic_dir(tok) as tmp:  # a kill while training it leaves no half tokenizer to reuse
+        train_tokenizer(corpus_texts(read_records(train)), tmp, vocab_size=1000)
     return train, test, tok
 
 
@@ -69,13 +83,19 @@ def run_stages(
     init_from: str = "",
     config: str = "demo",
     stage_settings: bool = True,
+    resume: bool = False,
 ) -> Path:
     """Run `stages` in order, each starting from the previous stage's export; returns the last.
-    `stage_settings` adds `STAGE_SETTINGS` (off: the stage YAMLs as they are)."""
+    `stage_settings` adds `STAGE_SETTINGS` (off: the stage YAMLs as they are). `resume`: a stage
+    whose `final/` exists is not run again, and a stopped one continues from its checkpoint."""
     from medvlm3d.train.recipe import run_training
 
     prev = init_from
     for stage in stages:
+        if resume and (out / stage / "final" / "checkpoint.json").is_file():
+            log.info("%s: already done (%s), not run again", stage, out / stage / "final")
+            prev = str(out / stage / "final")
+            continue
         cfg = load_config(
             config,
             [
@@ -85,6 +105,7 @@ def run_stages(
                 f"train.init_from={prev}",
                 f"data.cache_dir={out / 'cache'}",  # preprocessed volumes, shared by the stages
                 *(STAGE_SETTINGS.get(stage, ()) if stage_settings else ()),
+                *(["train.resume=auto"] if resume else []),
                 *overrides,
             ],
             layers=[stage],
@@ -129,16 +150,23 @@ def run_demo(out: str | Path, n_train: int = 1000, n_test: int = 40, config: str
     the report dict (figures, seconds, checkpoint, and the eval details)."""
     from medvlm3d.data.errors import ConfigError
     from medvlm3d.io import atomic_write_text
+    from medvlm3d.train.loop import TrainingStopped
+    from medvlm3d.train.runfolder import lock_run_folder
 
     if skip_to is not None and skip_to not in STAGES:
         raise ConfigError(f"skip_to must be one of {list(STAGES)}, got {skip_to!r}")
     out = Path(out)
     t0 = time.perf_counter()
-    train, test, tok = make_data(out, n_train, n_test)
-    stages = STAGES if skip_to is None else STAGES[STAGES.index(skip_to):]
-    init = "" if skip_to in (None, STAGES[0]) else str(out / STAGES[STAGES.index(skip_to) - 1] / "final")
-    final = run_stages(out, train, tok, list(overrides), stages, init_from=init, config=config)
-    result = evaluate_demo(final, test, out / "eval", meteor=meteor)
+    with lock_run_folder(out):
+        train, test, tok = make_data(out, n_train, n_test)
+        stages = STAGES if skip_to is None else STAGES[STAGES.index(skip_to):]
+        init = "" if skip_to in (None, STAGES[0]) else str(out / STAGES[STAGES.index(skip_to) - 1] / "final")
+        try:
+            final = run_stages(out, train, tok, list(overrides), stages, init_from=init, config=config, resume=True)
+        except TrainingStopped as e:
+            raise TrainingStopped(f"{e}. The demo stopped there; run the same `medvlm3d demo --out {out}` again "
+                                  "to continue from that checkpoint", e.checkpoint) from e
+        result = evaluate_demo(final, test, out / "eval", meteor=meteor)
     result["seconds"] = time.perf_counter() - t0
     result["checkpoint"] = str(final)
     atomic_write_text(out / "report.json", json.dumps(result, indent=2, default=float))

@@ -51,6 +51,16 @@ class TrainingDiverged(RuntimeError):
     """Raised after `train.nan_abort_after` non-finite steps in a row (a checkpoint was saved)."""
 
 
+class TrainingStopped(KeyboardInterrupt):
+    """Raised by run_training after SIGTERM/SIGINT: the current step finished and a checkpoint
+    was saved; `.checkpoint` is its model folder. A KeyboardInterrupt, so whatever runs stages in
+    a chain (the demo) stops too, and the CLI exits 130 with the message."""
+
+    def __init__(self, message: str, checkpoint: Path | None = None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
 # ------------------------------------------------------------------------------------------------
 # stage modules and objectives
 

@@ -188,12 +188,17 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_finishes(phantom, tmp_pat
 
     monkeypatch.setattr(loop_mod.Loop, "step", step)
     run = tmp_path / "run"
-    out = run_training(tiny(phantom, run, "stage1_align", "four", "train.max_steps=5"))
+    with pytest.raises(loop_mod.TrainingStopped, match=r"after step 2 of 5.*train.resume=auto") as stopped:
+        run_training(tiny(phantom, run, "stage1_align", "four", "train.max_steps=5"))
+    out = stopped.value.checkpoint
+    assert isinstance(stopped.value, KeyboardInterrupt)  # the CLI exits 130; a stage chain stops
     assert out == run / "checkpoints" / "step-000002" / "model" and (out / "model.safetensors").is_file()
     assert not (run / "final").exists() and read_progress(latest_complete(run))["step"] == 2
+    assert [r["step"] for r in metrics(run)] == [1, 2]
     monkeypatch.setattr(loop_mod.Loop, "step", real)
     final = run_training(tiny(phantom, run, "stage1_align", "four", "train.max_steps=5", "train.resume=auto"))
     assert final == run / "final" and len(history(run)) == 5
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.slow
