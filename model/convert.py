@@ -28,6 +28,8 @@ from medvlm3d.model.encoder3d import read_state_dict
 def convert_to_safetensors(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
     """Read `src` (weights_only) and write its tensors to the safetensors file `dst`; returns `dst`."""
     source, out = Path(src), Path(dst)
+    if not source.is_file():
+        raise DataError(f"{source}: no such weights file")
     if out.suffix != ".safetensors":
         raise DataError(f"{out}: the output must end in .safetensors")
     if out.resolve() == source.resolve():

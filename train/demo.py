@@ -58,19 +58,19 @@ def make_data(out: Path, n_train: int, n_test: int) -> tuple[Path, Path, Path]:
     from medvlm3d.data.readers import read_records
     from medvlm3d.data.synthetic import check_disjoint_seeds, corpus_texts, make_dataset
     from medvlm3d.data.tokenizer import train_tokenizer
-    from medvlm3d.io import atomic_dir
+    from medvlm3d.io import atomic_dir, atomic_write_json
 
     check_disjoint_seeds((0, n_train), (1, n_test))
     train, test = out / "data" / "train" / "manifest.jsonl", out / "data" / "test" / "manifest.jsonl"
-    tok = out / "tokenizer"
-    if all(p.exists() for p in (train, test, tok)) and \
-            (len(read_records(train)), len(read_records(test))) == (n_train, n_test):
+    tok, done, made = out / "tokenizer", out / "data" / "made.json", {"n_train": n_train, "n_test": n_test}
+    if done.is_file() and json.loads(done.read_text(encoding="utf-8")) == made:
         log.info("reusing the data and tokenizer in %s (a continued demo)", out)
         return train, test, tok
     train = make_dataset(out / "data" / "train", n_train, seed=0)
     test = make_dataset(out / "data" / "test", n_test, seed=1)
     with atomic_dir(tok) as tmp:  # a kill while training it leaves no half tokenizer to reuse
         train_tokenizer(corpus_texts(read_records(train)), tmp, vocab_size=1000)
+    atomic_write_json(done, made)  # last: the data and tokenizer above are whole
     return train, test, tok
 
 

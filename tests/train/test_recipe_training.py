@@ -201,6 +201,28 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_finishes(phantom, tmp_pat
     assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_train_verb_exits_130_on_a_signal_and_says_how_to_continue(phantom, tmp_path, monkeypatch, capsys,
+                                                                    signum) -> None:
+    from medvlm3d.cli import main
+
+    real = loop_mod.Loop.step
+
+    def step(self, batches, stop):
+        if self.progress.step == 0:
+            os.kill(os.getpid(), signum)
+        return real(self, batches, stop)
+
+    monkeypatch.setattr(loop_mod.Loop, "step", step)
+    run = tmp_path / "run"
+    code = main(["train", "--config", "tiny", "--stage", "stage1_align", f"model.llm.tokenizer={phantom['tok']}",
+                 f"data.train={phantom['four']}", f"train.output_dir={run}", "train.max_steps=4"])
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "interrupted: stopped on a signal after step 1 of 4" in err and "train.resume=auto" in err
+    assert read_progress(latest_complete(run))["step"] == 1 and not (run / "final").exists()
+
+
 @pytest.mark.slow
 def test_all_stages_chain_through_their_exports(phantom, tmp_path) -> None:
     from safetensors.torch import load_file
