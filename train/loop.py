@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from medvlm3d.config import RunConfig
 from medvlm3d.data.prompts import IGNORE_INDEX
 from medvlm3d.train.checkpointing import write_checkpoint
-from medvlm3d.train.data import epoch_seed
+from medvlm3d.train.data import epoch_seed, set_sample_draws
 from medvlm3d.train.losses import distill_weight
 from medvlm3d.train.stages import LossContext, get_stage
 
@@ -188,6 +188,7 @@ class Loop:
         while True:
             self.sampler.set_epoch(epoch)
             self.loader.set_epoch(epoch)
+            set_sample_draws(self.loader, self.cfg.train.seed, epoch)  # per-sample randomness
             dl = self.acc.skip_first_batches(self.loader, skip) if skip else self.loader
             if skip:
                 dl.set_epoch(epoch)
