@@ -6,7 +6,9 @@
       model.safetensors   every weight outside the LLM (encoders, inter-slice, TG-IS, projectors)
       llm/                the base LLM as a plain HF folder (merged with LoRA when asked), unless it
                           is a frozen external folder named in config.yaml
-      adapter/            the PEFT LoRA adapter (when LoRA is used and not merged)
+      adapter/            the PEFT LoRA adapter (when LoRA is used and not merged), LoRA-sized: the
+                          embedding rows the tokenizer added to an external base LLM (`<image>`)
+                          are stored alone in grown_embedding_rows.safetensors, not whole tables
       tokenizer/          the tokenizer, <image> token included
       text_encoder/       the TG-IS text tower (tgis.text_source=hf; small, so always stored): the
                           checkpoint needs no outside folder but an external base LLM, which
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 
 LLM_PREFIX = "llm."
 TEXT_TOWER = "text_encoder"  # the stored TG-IS text tower's folder
+GROWN_ROWS = "grown_embedding_rows.safetensors"  # in adapter/: the rows added past an external LLM's vocabulary
 
 
 def _has_lora(llm: torch.nn.Module) -> bool:
@@ -95,8 +98,10 @@ def save_pretrained(model: Any, path: str | os.PathLike, merge_lora: bool = Fals
                 # PEFT's layers live inside the base model; save the base weights without them.
                 base_state = _strip_lora_names(base) if lora else None
                 base.save_pretrained(tmp / "llm", state_dict=base_state, safe_serialization=True)
-            if lora:
-                llm.save_pretrained(tmp / "adapter", safe_serialization=True)
+            if lora:  # LoRA-sized: the embedding rows the tokenizer added are stored apart
+                llm.save_pretrained(tmp / "adapter", safe_serialization=True, save_embedding_layers=False)
+                if not store_base:
+                    save_grown_rows(base, model.cfg.model.llm.path, tmp / "adapter" / GROWN_ROWS)
             layout = ("base" if store_base else "external") + ("+adapter" if lora else "")
         cfg.model.llm.path = ""
         text_tower = getattr(model, "text_encoder", None)
@@ -168,6 +173,8 @@ def _restore_llm(
                 f"({llm.hf_device_map}); a LoRA adapter cannot be loaded onto offloaded layers. Merge it "
                 "first (medvlm3d export --merge-lora) or give the LLM enough GPU memory (more GPUs)"
             )
+        if (root / "adapter" / GROWN_ROWS).is_file():
+            load_grown_rows(llm, root / "adapter" / GROWN_ROWS)
         try:
             llm = PeftModel.from_pretrained(llm, str(root / "adapter"), is_trainable=trainable)
         except (OSError, RuntimeError, ValueError, KeyError) as e:
@@ -176,6 +183,39 @@ def _restore_llm(
             raise DataError(f"{root / 'adapter'}: cannot load the LoRA adapter ({first_line(e)}); expected the PEFT "
                             "folder written by save_pretrained (adapter_config.json, adapter_model.safetensors)") from e
     return llm
+
+
+def save_grown_rows(llm: Any, external: str, path: Path) -> None:
+    """The input (and untied output) embedding rows past the external base LLM's own vocabulary
+    (the `<image>` / pad tokens the tokenizer added, initialised when the table grew) -> `path`."""
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(external, local_files_only=True)
+    first = int(getattr(hf.get_text_config(), "vocab_size", 0) or 0)
+    emb, head = llm.get_input_embeddings(), llm.get_output_embeddings()
+    if first <= 0 or emb.weight.shape[0] <= first:
+        return
+    rows = {"input": emb.weight[first:].detach().cpu().contiguous()}
+    if head is not None and head.weight is not emb.weight and head.weight.shape[0] > first:
+        rows["output"] = head.weight[first:].detach().cpu().contiguous()
+    save_file(rows, str(path), metadata={"first_row": str(first)})
+
+
+def load_grown_rows(llm: Any, path: Path) -> None:
+    """Put the rows `save_grown_rows` stored back into the (grown) embedding tables of `llm`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        first = int((fh.metadata() or {}).get("first_row", -1))
+        rows = {k: fh.get_tensor(k) for k in fh.keys()}
+    targets = {"input": llm.get_input_embeddings(), "output": llm.get_output_embeddings()}
+    for key, value in rows.items():
+        weight = getattr(targets.get(key), "weight", None)
+        if weight is None or first < 0 or tuple(weight[first:].shape) != tuple(value.shape):
+            raise DataError(f"{path}: {key} embedding rows {tuple(value.shape)} from row {first} do not fit the "
+                            f"LLM's table {None if weight is None else tuple(weight.shape)}")
+        with torch.no_grad():
+            weight[first:] = value.to(device=weight.device, dtype=weight.dtype)
 
 
 def _use_stored_text_tower(root: Path, cfg: Any, always: bool) -> None:

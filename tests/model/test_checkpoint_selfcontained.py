@@ -1,7 +1,8 @@
 """Self-contained checkpoints (model/checkpoint.py): the TG-IS text tower (tgis.text_source=hf)
 is stored in the checkpoint, so removing the folder it came from changes nothing; an external
 base LLM (frozen or LoRA-trained, not stored) is named in checkpoint.json, and its absence is one
-clear DataError."""
+clear DataError. A LoRA adapter over an external LLM whose vocabulary grew (`<image>`) stays
+LoRA-sized: the new rows are stored alone."""
 
 from __future__ import annotations
 
@@ -52,3 +53,31 @@ def test_a_missing_external_base_llm_is_one_clear_error(tmp_path: Path, tiny_cfg
             call()
         msg = str(e.value)
         assert str(external) in msg and "checkpoint.json" in msg and "missing" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_lora_adapter_over_a_grown_vocabulary_stays_lora_sized(tmp_path: Path, tiny_cfg, tied: bool) -> None:
+    import transformers as tf
+    from safetensors import safe_open
+
+    from medvlm3d.model import checkpoint as ckpt
+
+    torch.manual_seed(0)
+    external = tmp_path / "base_llm"  # 300 tokens: the tokenizer's ~400 make the table grow
+    tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=tied,
+    )).save_pretrained(external)
+    model = build_model(tiny_cfg(f"model.llm.path={external}", "model.trainable.llm=lora"))
+    out = save_pretrained(model, tmp_path / "ckpt")
+    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as fh:
+        assert all("lora_" in k for k in fh.keys())  # no whole embed_tokens / lm_head tables
+    with safe_open(str(out / "adapter" / ckpt.GROWN_ROWS), "pt") as fh:
+        grown = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    n_new = len(model.tokenizer) - 300
+    assert grown == ({"input": (n_new, 32)} if tied else {"input": (n_new, 32), "output": (n_new, 32)})
+    ids = torch.tensor([[5, 6, len(model.tokenizer) - 1]])  # the last id: a grown row
+    want = model.llm(input_ids=ids).logits
+    assert torch.equal(load_pretrained(out).llm(input_ids=ids).logits, want)
+    (out / "adapter" / ckpt.GROWN_ROWS).unlink()  # without the rows, the grown token's row is a new draw
+    assert not torch.equal(load_pretrained(out).llm(input_ids=ids).logits, want)
