@@ -27,7 +27,7 @@ Per-sample randomness (training): after `set_draws(seed, epoch)` (the training l
 each epoch), the choice shuffle and the augmentation of sample i draw from
 `sample_generator(seed, epoch, i)` alone, never from the global RNG, so a sample is the same
 whichever worker loads it, in whatever order, and however far the loader read ahead before a
-checkpoint: a resumed run sees exactly the samples of an uninterrupted one. Before set_epoch
+checkpoint: a resumed run sees exactly the samples of an uninterrupted one. Before set_draws
 (evaluation, direct use) they draw from torch's global RNG as before.
 
 Every error while reading a record is a `DataError` naming the record id. With
