@@ -12,8 +12,8 @@
     fsync_tree(folder): fsync every file under `folder`.
     swap_dir(tmp, final): move a finished folder `tmp` over `final` (the last step of atomic_dir).
     is_no_space(exc, path): whether `exc` (or an exception it was raised from) is a full disk:
-        errno ENOSPC/EDQUOT, or torch's "enforce fail at inline_container" writer error (which
-        carries no errno) while `path`'s file system has almost no free space left.
+        errno ENOSPC/EDQUOT, or torch's errno-less writer errors ("enforce fail at inline_container",
+        "file write failed") while `path`'s file system has under 64 MiB free.
     NoSpaceLeft(path, exc): the OSError (errno ENOSPC) raised instead, "no space left on <path>";
         the CLI turns it into one line and exit 2.
 """
@@ -57,7 +57,7 @@ def is_no_space(exc: BaseException, path: str | os.PathLike | None = None) -> bo
             return True
         if "No space left" in str(e):
             return True
-        if path is not None and "inline_container" in str(e):
+        if path is not None and ("inline_container" in str(e) or "file write failed" in str(e)):
             try:
                 if shutil.disk_usage(path).free < _NEARLY_FULL:
                     return True

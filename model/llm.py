@@ -58,6 +58,10 @@ class LoRAConfig:
     # module-name suffixes, or "auto": every linear layer type of the LLM's family but its head
     target_modules: tuple[str, ...] | str = ("q_proj", "k_proj", "v_proj", "o_proj")
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.target_modules, str):  # a YAML list: the same tuple as the default
+            self.target_modules = tuple(self.target_modules)
+
 
 @dataclass
 class LLMConfig:

@@ -159,6 +159,7 @@ def _write_ok(tmp: Path) -> None:
     OSError(errno.ENOSPC, "No space left on device"),
     OSError(errno.EDQUOT, "Disk quota exceeded"),
     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 512 vs 448"),
+    RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"),
 ])
 def test_disk_full_keeps_the_last_checkpoint_and_names_the_folder(tmp_path: Path, monkeypatch, failure) -> None:
     write_checkpoint(tmp_path, 1, {"step": 1}, _write_ok, keep_last=2)
