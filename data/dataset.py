@@ -23,6 +23,13 @@ or one list per image) become `slice_target`: axial slice j of image i is 1.0 wh
 floor(slice_pos[i, j] * native_depth[i]) is a label; other planes are 0. `has_slice_target[i]`
 is True when the record has labels for image i and the image has axial slices.
 
+Per-sample randomness (training): after `set_draws(seed, epoch)` (the training loop calls it
+each epoch), the choice shuffle and the augmentation of sample i draw from
+`sample_generator(seed, epoch, i)` alone, never from the global RNG, so a sample is the same
+whichever worker loads it, in whatever order, and however far the loader read ahead before a
+checkpoint: a resumed run sees exactly the samples of an uninterrupted one. Before set_draws
+(evaluation, direct use) they draw from torch's global RNG as before.
+
 Every error while reading a record is a `DataError` naming the record id. With
 `data_cfg.skip_bad_records`, call `drop_bad_records()` once before training: it loads every
 record (`validate()`), logs and drops the bad ones, and returns how many it dropped.
@@ -44,6 +51,27 @@ from medvlm3d.config_fields import MAX_SIDE, PLANES, check_choice, check_positiv
 from .errors import ConfigError, DataError
 from .prompts import encode_example, format_record, image_token_id, shuffle_choices
 from .select.step import SelectionPlan, cache_name, study_tensors
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A torch.Generator seeded by (seed, epoch, sample index), well mixed (numpy SeedSequence)."""
+    import numpy as np
+
+    state = np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> 1))
+
+
+class PerSampleDraws:
+    """`set_draws(seed, epoch)`; then `_generator(i)` is sample i's own generator (None before).
+    (Not named set_epoch: Accelerate calls a dataset's set_epoch(epoch) itself.)"""
+
+    _draws: tuple[int, int] | None = None
+
+    def set_draws(self, seed: int, epoch: int) -> None:
+        self._draws = (int(seed), int(epoch))
+
+    def _generator(self, index: int) -> torch.Generator | None:
+        return None if self._draws is None else sample_generator(self._draws[0], self._draws[1], index)
 
 
 @dataclass
@@ -166,7 +194,7 @@ def slice_targets(
     return target, has
 
 
-class StudyDataset(Dataset):
+class StudyDataset(PerSampleDraws, Dataset):
     """Map-style dataset over manifest records (see data/readers.py for the record keys)."""
 
     def __init__(
@@ -221,7 +249,7 @@ class StudyDataset(Dataset):
             return "vqa_open"
         return task
 
-    def _load(self, rec: dict[str, Any], rid: str) -> Any:
+    def _load(self, rec: dict[str, Any], rid: str, aug_seed: int | None = None) -> Any:
         from .volume import load_study  # imported late: volume.py pulls in MONAI
 
         if not rec.get("image"):
@@ -230,6 +258,8 @@ class StudyDataset(Dataset):
         rescale = _rescale(rec, rid)
         if rescale is not None:
             kwargs["rescale"] = rescale
+        if aug_seed is not None and self.cfg.augment:
+            kwargs["aug_seed"] = aug_seed
         try:
             return load_study(rec["image"], self.cfg, train=self.train, **kwargs)
         except Exception as e:  # wrap any loader error so that it names the record
@@ -252,10 +282,12 @@ class StudyDataset(Dataset):
         rid = self._id(i)
         if not isinstance(rec, dict):
             raise DataError(f"record {rid!r}: must be a dict, got {type(rec).__name__}")
+        gen = self._generator(i) if self.train else None
         if self.train and self.cfg.shuffle_choices:
-            rec = shuffle_choices(rec)
+            rec = shuffle_choices(rec, gen)
         question, target = format_record(rec, self._task(rec))
-        study = self._load(rec, rid)
+        aug_seed = None if gen is None else int(torch.randint(0, 2**31 - 1, (), generator=gen))
+        study = self._load(rec, rid, aug_seed)
         n_img = int(study.volume.shape[0])
         enc = encode_example(
             self.tokenizer,

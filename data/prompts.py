@@ -105,9 +105,10 @@ def format_record(rec: dict[str, Any], task: str = "") -> tuple[str, str]:
     return f"{question} Choices: {listed}", f"{letter}. {answer}"
 
 
-def shuffle_choices(rec: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a closed VQA record with its choices in a random order (drawn from torch's RNG,
-    which the DataLoader seeds per worker and epoch) and `answer_choice` moved with its answer.
+def shuffle_choices(rec: dict[str, Any], generator: Any = None) -> dict[str, Any]:
+    """A copy of a closed VQA record with its choices in a random order (drawn from `generator`,
+    a torch.Generator; None: torch's global RNG) and `answer_choice` moved with its answer.
+    Training draws from a generator seeded per sample (data/dataset.py: sample_generator).
 
     Training augmentation (`data.shuffle_choices`): a record seen in one fixed order lets a model
     learn which letter goes with which question rather than how to read the listed letters.
@@ -119,7 +120,7 @@ def shuffle_choices(rec: dict[str, Any]) -> dict[str, Any]:
     import torch  # late: this module stays importable without torch
 
     correct = _LETTERS.index(_closed_letter(rec, choices))
-    order = torch.randperm(len(choices)).tolist()
+    order = torch.randperm(len(choices), generator=generator).tolist()
     new = [choices[k] for k in order]
     return {**rec, "choices": new, "answer_choice": _LETTERS[order.index(correct)]}
 

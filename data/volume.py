@@ -351,14 +351,14 @@ def _cache_write(path: Path, study: Study) -> None:
 
 def load_study(
     path: PathLike | Sequence[PathLike], cfg: DataConfig, train: bool = False,
-    rescale: tuple[float, float] | None = None,
+    rescale: tuple[float, float] | None = None, aug_seed: int | None = None,
 ) -> Study:
     """One study (a path, or a list of series paths) -> Study (shapes in the module docstring).
 
     `rescale` (slope, intercept) from a CT-RATE metadata row follows the HU-detection rule. With
     `cfg.cache_dir` the preprocessed (never augmented) Study is cached as safetensors; augmentation
-    runs afterwards, only when `train` and `cfg.augment`, seeded from torch's RNG (so DataLoader
-    workers differ and `torch.manual_seed` reproduces it).
+    runs afterwards, only when `train` and `cfg.augment`, seeded by `aug_seed` (training passes
+    one drawn per sample, data/dataset.py), or else from torch's global RNG.
     """
     if not isinstance(cfg, DataConfig):
         raise ValueError(f"cfg must be a DataConfig, got {type(cfg).__name__}")
@@ -381,6 +381,7 @@ def load_study(
             _cache_write(cache, study)
     if train and cfg.augment:
         aug = Compose(augment_transforms())
-        aug.set_random_state(seed=int(torch.randint(0, 2**31 - 1, ()).item()))  # per-worker torch seed
+        seed = int(torch.randint(0, 2**31 - 1, ()).item()) if aug_seed is None else int(aug_seed)
+        aug.set_random_state(seed=seed)
         study = _assemble([aug(d) for d in _to_dicts(study, cfg)], cfg, study.native_depth)
     return study

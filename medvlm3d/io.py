@@ -11,10 +11,16 @@
         renamed aside, then deleted); on an exception the temporary folder is deleted.
     fsync_tree(folder): fsync every file under `folder`.
     swap_dir(tmp, final): move a finished folder `tmp` over `final` (the last step of atomic_dir).
+    is_no_space(exc, path): whether `exc` (or an exception it was raised from) is a full disk:
+        errno ENOSPC/EDQUOT, or torch's errno-less writer errors ("enforce fail at inline_container",
+        "file write failed") while `path`'s file system has under 64 MiB free.
+    NoSpaceLeft(path, exc): the OSError (errno ENOSPC) raised instead, "no space left on <path>";
+        the CLI turns it into one line and exit 2.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -24,7 +30,41 @@ from pathlib import Path
 from typing import Any, Iterator
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_file", "atomic_dir",
-           "fsync_tree", "swap_dir"]
+           "fsync_tree", "swap_dir", "is_no_space", "NoSpaceLeft"]
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_NEARLY_FULL = 64 << 20  # bytes: below this, torch's errno-less writer failure is taken as a full disk
+
+
+class NoSpaceLeft(OSError):
+    """A write failed because the file system of `path` is full (errno ENOSPC)."""
+
+    def __init__(self, path: str | os.PathLike, cause: BaseException | None = None) -> None:
+        detail = f" ({' '.join(str(cause).split())[:200]})" if cause is not None else ""
+        super().__init__(errno.ENOSPC, f"no space left on {path}{detail}", str(path))
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def is_no_space(exc: BaseException, path: str | os.PathLike | None = None) -> bool:
+    """True when `exc` or its causes/contexts is a full-disk error (see the module docstring)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+            return True
+        if "No space left" in str(e):
+            return True
+        if path is not None and ("inline_container" in str(e) or "file write failed" in str(e)):
+            try:
+                if shutil.disk_usage(path).free < _NEARLY_FULL:
+                    return True
+            except OSError:
+                pass
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _fsync_file(path: str | os.PathLike) -> None:

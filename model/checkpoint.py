@@ -6,8 +6,13 @@
       model.safetensors   every weight outside the LLM (encoders, inter-slice, TG-IS, projectors)
       llm/                the base LLM as a plain HF folder (merged with LoRA when asked), unless it
                           is a frozen external folder named in config.yaml
-      adapter/            the PEFT LoRA adapter (when LoRA is used and not merged)
+      adapter/            the PEFT LoRA adapter (when LoRA is used and not merged), LoRA-sized: the
+                          embedding rows the tokenizer added to an external base LLM (`<image>`)
+                          are stored alone in grown_embedding_rows.safetensors, not whole tables
       tokenizer/          the tokenizer, <image> token included
+      text_encoder/       the TG-IS text tower (tgis.text_source=hf; small, so always stored): the
+                          checkpoint needs no outside folder but an external base LLM, which
+                          checkpoint.json names (a clear DataError when it is missing)
 
 `load_pretrained(path, device_map="auto")` loads the LLM with accelerate's big-model dispatch
 (its layers spread over the GPUs, then the CPU), for LLMs too large for one GPU; every other
@@ -43,6 +48,8 @@ from medvlm3d.model.checkpoint_checks import (FORMAT_VERSION, check_folder, chec
 log = logging.getLogger(__name__)
 
 LLM_PREFIX = "llm."
+TEXT_TOWER = "text_encoder"  # the stored TG-IS text tower's folder
+GROWN_ROWS = "grown_embedding_rows.safetensors"  # in adapter/: the rows added past an external LLM's vocabulary
 
 
 def _has_lora(llm: torch.nn.Module) -> bool:
@@ -91,10 +98,16 @@ def save_pretrained(model: Any, path: str | os.PathLike, merge_lora: bool = Fals
                 # PEFT's layers live inside the base model; save the base weights without them.
                 base_state = _strip_lora_names(base) if lora else None
                 base.save_pretrained(tmp / "llm", state_dict=base_state, safe_serialization=True)
-            if lora:
-                llm.save_pretrained(tmp / "adapter", safe_serialization=True)
+            if lora:  # LoRA-sized: the embedding rows the tokenizer added are stored apart
+                llm.save_pretrained(tmp / "adapter", safe_serialization=True, save_embedding_layers=False)
+                if not store_base:
+                    save_grown_rows(base, model.cfg.model.llm.path, tmp / "adapter" / GROWN_ROWS)
             layout = ("base" if store_base else "external") + ("+adapter" if lora else "")
         cfg.model.llm.path = ""
+        text_tower = getattr(model, "text_encoder", None)
+        if text_tower is not None:  # small (a BERT): stored, so the checkpoint stands alone
+            text_tower.encoder.save_pretrained(tmp / TEXT_TOWER, safe_serialization=True)
+            text_tower.tokenizer.save_pretrained(tmp / TEXT_TOWER)
         model.tokenizer.save_pretrained(tmp / "tokenizer")
         save_config(cfg, tmp / "config.yaml")
         save_file(non_llm_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -102,6 +115,7 @@ def save_pretrained(model: Any, path: str | os.PathLike, merge_lora: bool = Fals
             "format_version": FORMAT_VERSION,
             "llm_layout": layout,
             "external_llm": model.cfg.model.llm.path if layout.startswith("external") else "",
+            "text_encoder": TEXT_TOWER if text_tower is not None else "",
             "num_visual_tokens": int(model.num_visual_tokens),
             "variant": cfg.model.variant,
         }
@@ -132,6 +146,10 @@ def _restore_llm(
     llm_cfg.path = str(root / "llm") if (root / "llm").is_dir() else meta.get("external_llm", "")
     if not llm_cfg.path:
         raise DataError(f"{root}: no llm/ folder and no external LLM path in checkpoint.json")
+    if not Path(llm_cfg.path).is_dir():
+        raise DataError(f"{root / 'checkpoint.json'}: the checkpoint's base LLM is the external folder "
+                        f"{llm_cfg.path!r} (not stored: it was frozen or LoRA-trained), which is missing; restore "
+                        "that folder, or save with save_base_llm='always' (medvlm3d export) to store it")
     try:
         llm = build_llm(llm_cfg, tokenizer, device_map=device_map)
     except (OSError, RuntimeError, ValueError) as e:  # HF's loader: truncated / mismatched weights
@@ -155,6 +173,8 @@ def _restore_llm(
                 f"({llm.hf_device_map}); a LoRA adapter cannot be loaded onto offloaded layers. Merge it "
                 "first (medvlm3d export --merge-lora) or give the LLM enough GPU memory (more GPUs)"
             )
+        if (root / "adapter" / GROWN_ROWS).is_file():
+            load_grown_rows(llm, root / "adapter" / GROWN_ROWS)
         try:
             llm = PeftModel.from_pretrained(llm, str(root / "adapter"), is_trainable=trainable)
         except (OSError, RuntimeError, ValueError, KeyError) as e:
@@ -163,6 +183,48 @@ def _restore_llm(
             raise DataError(f"{root / 'adapter'}: cannot load the LoRA adapter ({first_line(e)}); expected the PEFT "
                             "folder written by save_pretrained (adapter_config.json, adapter_model.safetensors)") from e
     return llm
+
+
+def save_grown_rows(llm: Any, external: str, path: Path) -> None:
+    """The input (and untied output) embedding rows past the external base LLM's own vocabulary
+    (the `<image>` / pad tokens the tokenizer added, initialised when the table grew) -> `path`."""
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(external, local_files_only=True)
+    first = int(getattr(hf.get_text_config(), "vocab_size", 0) or 0)
+    emb, head = llm.get_input_embeddings(), llm.get_output_embeddings()
+    if first <= 0 or emb.weight.shape[0] <= first:
+        return
+    rows = {"input": emb.weight[first:].detach().cpu().contiguous()}
+    if head is not None and head.weight is not emb.weight and head.weight.shape[0] > first:
+        rows["output"] = head.weight[first:].detach().cpu().contiguous()
+    save_file(rows, str(path), metadata={"first_row": str(first)})
+
+
+def load_grown_rows(llm: Any, path: Path) -> None:
+    """Put the rows `save_grown_rows` stored back into the (grown) embedding tables of `llm`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        first = int((fh.metadata() or {}).get("first_row", -1))
+        rows = {k: fh.get_tensor(k) for k in fh.keys()}
+    targets = {"input": llm.get_input_embeddings(), "output": llm.get_output_embeddings()}
+    for key, value in rows.items():
+        weight = getattr(targets.get(key), "weight", None)
+        if weight is None or first < 0 or tuple(weight[first:].shape) != tuple(value.shape):
+            raise DataError(f"{path}: {key} embedding rows {tuple(value.shape)} from row {first} do not fit the "
+                            f"LLM's table {None if weight is None else tuple(weight.shape)}")
+        with torch.no_grad():
+            weight[first:] = value.to(device=weight.device, dtype=weight.dtype)
+
+
+def _use_stored_text_tower(root: Path, cfg: Any, always: bool) -> None:
+    """Point tgis.text_encoder at the checkpoint's stored copy (`always`, or when the configured
+    folder is missing); a checkpoint without one keeps the configured (external) folder."""
+    stored = root / TEXT_TOWER
+    if stored.is_dir() and cfg.model.tgis.text_source == "hf" and \
+            (always or not Path(cfg.model.tgis.text_encoder or "").is_dir()):
+        cfg.model.tgis.text_encoder = str(stored)
 
 
 def _read_meta(root: Path) -> dict[str, Any]:
@@ -247,6 +309,7 @@ def load_pretrained(
     meta = _read_meta(root)
     cfg = read_run_config(root)
     cfg.model.llm.tokenizer = str(root / "tokenizer")
+    _use_stored_text_tower(root, cfg, always=True)
     tokenizer = load_tokenizer(cfg.model.llm)
     if dtype is not None:
         cfg.model.llm.dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
@@ -286,6 +349,7 @@ def init_from_checkpoint(cfg: Any, path: str | os.PathLike) -> Any:
     meta = _read_meta(root)
     cfg = copy.deepcopy(cfg)
     cfg.model.llm.tokenizer = str(root / "tokenizer")
+    _use_stored_text_tower(root, cfg, always=False)
     tokenizer = load_tokenizer(cfg.model.llm)
     llm = _restore_llm(root, cfg, meta, tokenizer, trainable=cfg.model.trainable.llm == "lora")
     if (root / "adapter").is_dir() and cfg.model.trainable.llm == "full":

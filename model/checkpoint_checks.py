@@ -31,7 +31,7 @@ from medvlm3d.data.guard import check_regular
 
 FORMAT_VERSION = 1
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-SUBFOLDERS = ("", "llm", "adapter", "tokenizer")
+SUBFOLDERS = ("", "llm", "adapter", "tokenizer", "text_encoder")
 _SHOW = 5  # keys listed in a mismatch message
 
 
@@ -102,7 +102,7 @@ def read_run_config(root: Path) -> Any:
 
 def check_folder(root: Path) -> None:
     """Refuse special files (FIFOs...), pickle-based weight files and unreadable safetensors headers
-    in `root`, `root/llm`, `root/adapter` and `root/tokenizer` (headers only: nothing is loaded)."""
+    in `root` and its SUBFOLDERS (llm, adapter, tokenizer, text_encoder; headers only: nothing is loaded)."""
     for sub in SUBFOLDERS:
         folder = root / sub if sub else root
         if not folder.is_dir():

@@ -16,32 +16,27 @@ nothing else is ever unpickled. The `medvlm3d convert SRC DST` verb calls this f
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from medvlm3d.data.errors import DataError
+from medvlm3d.io import atomic_file
 from medvlm3d.model.encoder3d import read_state_dict
 
 
 def convert_to_safetensors(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
     """Read `src` (weights_only) and write its tensors to the safetensors file `dst`; returns `dst`."""
     source, out = Path(src), Path(dst)
+    if not source.is_file():
+        raise DataError(f"{source}: no such weights file")
     if out.suffix != ".safetensors":
         raise DataError(f"{out}: the output must end in .safetensors")
     if out.resolve() == source.resolve():
         raise DataError(f"{out}: the output must differ from the input {source}")
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in read_state_dict(source, "weights").items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt", "converted_from": source.name})
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(out) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "converted_from": source.name})
     return out
 
 

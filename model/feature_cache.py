@@ -8,6 +8,11 @@ slice encoder takes most of a stage-2 step (bench/bench_train.py prints the gain
     out = cache.run("slice_encoder", module, slices, mask)   # slices [N, ...], mask [N, ...]
         -> module(slices, mask) [N, ...], computed only for the rows not seen before
 
+Rows not seen before are computed one at a time (a batch of one), so a row's output is bit for
+bit the same whatever batch it came in, and whether it came from the cache or not: a resumed run,
+whose cache starts empty, computes exactly what the uninterrupted run had stored (the batched
+forward of a run without the cache may differ from it by rounding, ~1e-6).
+
 Each row i of the batch is keyed by a SHA-256 digest of row i of every input (bytes, shape and
 dtype): a key cannot go stale, whatever produced the batch (another study order, augmentation,
 another padding). SHA-256 rather than BLAKE2: with the CPU's SHA instructions it hashes a 512 KB
@@ -96,16 +101,13 @@ class FeatureCache:
         miss = [i for i, f in enumerate(found) if f is None]
         self.hits += len(keys) - len(miss)
         self.misses += len(miss)
-        if miss:
-            idx = torch.tensor(miss, device=inputs[0].device)
-            with torch.no_grad():
-                fresh = module(*(t.index_select(0, idx) for t in inputs))
-            for j, i in enumerate(miss):
-                row = fresh[j].detach().clone()
-                found[i] = row
-                size = row.numel() * row.element_size()
-                if self.bytes + size <= self.max_bytes:
-                    self._store[(name, keys[i])] = row
-                    self.bytes += size
+        for i in miss:
+            with torch.no_grad():  # one row at a time: its output never depends on its batch-mates
+                row = module(*(t[i:i + 1] for t in inputs))[0].detach().clone()
+            found[i] = row
+            size = row.numel() * row.element_size()
+            if self.bytes + size <= self.max_bytes:
+                self._store[(name, keys[i])] = row
+                self.bytes += size
         device = inputs[0].device
         return torch.stack([f.to(device) for f in found])  # type: ignore[union-attr]

@@ -8,7 +8,10 @@
   than the model. `device_map` ("auto", "balanced", a dict, ...) dispatches a folder's LM over
   several devices through accelerate (big-model inference).
   forward(inputs_embeds [B, L, Dl], attention_mask [B, L]) -> logits [B, L, V].
-- `apply_lora(model, lora_cfg)` -> `peft.PeftModel`; `merge_lora` folds the adapter back in.
+- `apply_lora(model, lora_cfg)` -> `peft.PeftModel` (`target_modules: auto` picks the family's
+  linear layers, model/llm_family.py); `merge_lora` folds the adapter back in.
+- An architecture that refuses `attn_implementation` (Gemma2 with sdpa) falls back to eager, with
+  a warning naming `model.llm.attn_implementation`.
 - `embed_tokens(model, input_ids [B, L]) -> [B, L, Dl]`, for plain and PEFT-wrapped models alike.
 - `TextEncoder(path)`: a local HF encoder (e.g. BERT); forward(list of B strings) -> [B, out_dim].
 
@@ -43,6 +46,7 @@ from transformers import (
 
 from medvlm3d.config_fields import check_choice
 from medvlm3d.data.errors import ConfigError
+from medvlm3d.model.llm_family import grow_embeddings, lora_targets, with_attn_fallback
 from medvlm3d.registry import Registry
 
 
@@ -51,7 +55,12 @@ class LoRAConfig:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # module-name suffixes, or "auto": every linear layer type of the LLM's family but its head
+    target_modules: tuple[str, ...] | str = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.target_modules, str):  # a YAML list: the same tuple as the default
+            self.target_modules = tuple(self.target_modules)
 
 
 @dataclass
@@ -196,15 +205,19 @@ def build_llm(cfg: LLMConfig, tokenizer: Any, device_map: Any = None) -> PreTrai
         )
     if cfg.path:
         folder = _local_dir(cfg.path, "llm.path", need=("config.json",))
-        with _load_errors("llm.path", folder, "causal LM"):
-            model = AutoModelForCausalLM.from_pretrained(
-                str(folder),
-                local_files_only=True,
-                attn_implementation=cfg.attn_implementation,
-                trust_remote_code=cfg.trust_remote_code,
-                **({} if device_map is None else {"device_map": device_map}),
-                **{_DTYPE_KW: dtype},
-            )
+
+        def load(attn: str) -> PreTrainedModel:
+            with _load_errors("llm.path", folder, "causal LM"):
+                return AutoModelForCausalLM.from_pretrained(
+                    str(folder),
+                    local_files_only=True,
+                    attn_implementation=attn,
+                    trust_remote_code=cfg.trust_remote_code,
+                    **({} if device_map is None else {"device_map": device_map}),
+                    **{_DTYPE_KW: dtype},
+                )
+
+        model = with_attn_fallback(load, cfg.attn_implementation)
         if device_map is not None:
             log.info("LM dispatched with device_map=%r: %s", device_map, getattr(model, "hf_device_map", None))
     else:
@@ -222,13 +235,15 @@ def build_llm(cfg: LLMConfig, tokenizer: Any, device_map: Any = None) -> PreTrai
             eos_token_id=tokenizer.eos_token_id,
             tie_word_embeddings=False,
         )
-        model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=cfg.attn_implementation, **{_DTYPE_KW: dtype})
+        model = with_attn_fallback(
+            lambda attn: AutoModelForCausalLM.from_config(hf_cfg, attn_implementation=attn, **{_DTYPE_KW: dtype}),
+            cfg.attn_implementation)
         log.info("built a random %s LM: %d parameters", cfg.arch, sum(p.numel() for p in model.parameters()))
 
     n_embed = model.get_input_embeddings().weight.shape[0]
     if n_embed < len(tokenizer):
         log.info("resizing LM embeddings %d -> %d to fit the tokenizer", n_embed, len(tokenizer))
-        model.resize_token_embeddings(len(tokenizer))
+        grow_embeddings(model, len(tokenizer))
     if tokenizer.pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
         if getattr(model, "generation_config", None) is not None:
@@ -263,26 +278,11 @@ def embed_tokens(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 # LoRA
 
 
-def _linear_names(model: nn.Module) -> list[str]:
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
-
-
 def apply_lora(model: PreTrainedModel, lora: LoRAConfig) -> PeftModel:
     """Wrap `model` with a LoRA adapter on `lora.target_modules` (matched by module-name suffix,
-    as peft does). Only the adapter weights are left trainable."""
-    targets = list(lora.target_modules)
-    if not targets:
-        raise ValueError(f"llm.lora.target_modules is empty; choose among {_linear_names(model)}")
-    names = [name for name, _ in model.named_modules()]
-    found = [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
-    if not found:
-        raise ValueError(
-            f"llm.lora.target_modules {targets} match no module of {type(model).__name__}; "
-            f"its linear modules are {_linear_names(model)}"
-        )
-    missing = sorted(set(targets) - set(found))
-    if missing:
-        log.warning("LoRA targets %s are not in the model; using %s", missing, found)
+    as peft does; "auto": every linear layer type of the family but the head, model/llm_family.py;
+    a name matching no module is a ConfigError). Only the adapter weights are left trainable."""
+    found = lora_targets(model, lora.target_modules)
     peft_cfg = LoraConfig(
         task_type="CAUSAL_LM",
         r=lora.r,

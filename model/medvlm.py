@@ -37,6 +37,7 @@ from medvlm3d.model.encoder3d import build_encoder3d, load_encoder3d_weights
 from medvlm3d.model.feature_cache import FeatureCache, check_cacheable, row_keys
 from medvlm3d.model.inter_slice import InterSlice, joint_over_images
 from medvlm3d.model.llm import TextEncoder, apply_lora, build_llm, embed_tokens, load_tokenizer
+from medvlm3d.model.llm_family import embedding_rms
 from medvlm3d.model.projector import Projector2D, Projector3D
 from medvlm3d.model.slice_encoder import SliceEncoder
 from medvlm3d.model.tgis import TGIS
@@ -101,11 +102,9 @@ class MedVLM(nn.Module):
         probe = torch.zeros(1, 1, dtype=torch.long, device=self.embed_device)
         width = int(embed_tokens(self.llm, probe).shape[-1])
         self.width = width
-        embed_rms = 1.0  # projector.out_norm starts visual tokens at the text tokens' scale
-        table = self.llm.get_input_embeddings().weight
-        if mc.projector.out_norm and not table.is_meta:  # meta: a size estimate, no values to read
-            with torch.no_grad():
-                embed_rms = float(table.float().pow(2).mean().sqrt())
+        # projector.out_norm starts visual tokens at the scale of what the embedding module gives
+        # the LLM (Gemma scales its table by sqrt(hidden) in there); 1.0 on meta (a size estimate)
+        embed_rms = embedding_rms(self.llm) if mc.projector.out_norm else 1.0
 
         uses_3d = self.variant in ("2e3", "2e3_interslice", "3d_only")
         uses_2d = self.variant in ("2e3", "2e3_interslice", "2d_only", "2d_interslice")

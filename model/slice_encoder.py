@@ -94,12 +94,16 @@ class SliceEncoder(nn.Module):
         if load_weights and cfg.weights:
             sd = read_state_dict(cfg.weights, "slice encoder weights")
             pretrained = dict(pretrained=True, pretrained_cfg_overlay=dict(state_dict=sd))
+        check_model_name(cfg.model_name)
         try:
             self.backbone = timm.create_model(
                 cfg.model_name, in_chans=cfg.in_chans, num_classes=0, global_pool="", **kwargs, **pretrained
             )
-        except RuntimeError as e:  # timm: unknown model, or weights that do not fit it
-            raise ValueError(f"cannot build timm model {cfg.model_name!r} (weights {cfg.weights!r}): {e}") from e
+        except TypeError as e:  # a keyword the architecture does not take
+            raise ConfigError(f"slice_encoder.model_kwargs {dict(cfg.model_kwargs)} do not fit timm model "
+                              f"{cfg.model_name!r}: {e}") from e
+        except RuntimeError as e:  # timm: weights that do not fit it
+            raise ConfigError(f"cannot build timm model {cfg.model_name!r} (weights {cfg.weights!r}): {e}") from e
         if pretrained:
             check_complete(self.backbone, sd, cfg.weights, cfg.model_name)
             logger.info("loaded slice encoder weights from %s", cfg.weights)
@@ -222,6 +226,20 @@ def _enable_grad_checkpointing(backbone: nn.Module, model_name: str) -> None:
         raise ValueError(f"slice_encoder.gradient_checkpointing: timm model {model_name!r} does not support "
                          f"gradient checkpointing ({e}); set it to false or pick another model_name") from e
     logger.info("slice encoder %s: gradient checkpointing on", model_name)
+
+
+def check_model_name(model_name: str) -> None:
+    """ConfigError unless `model_name` is a timm architecture known locally (an optional `.tag`
+    allowed): a hub name (`hf-hub:...`, `timm/...`) would make timm reach for the network."""
+    source = model_name.split(":", 1)[0] if ":" in model_name else ""
+    if source or "/" in model_name:
+        raise ConfigError(f"slice_encoder.model_name {model_name!r} names a model hub; nothing is downloaded. Give a "
+                          "timm architecture name (e.g. vit_base_patch16_224) and its weights file in "
+                          "slice_encoder.weights")
+    if not timm.is_model(model_name):
+        near = timm.list_models(f"*{model_name.split('.')[0][:8]}*")[:8]
+        raise ConfigError(f"slice_encoder.model_name {model_name!r} is not a timm architecture"
+                          + (f"; similar names: {near}" if near else ""))
 
 
 def _takes_img_size(model_name: str) -> bool:

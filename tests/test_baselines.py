@@ -23,6 +23,7 @@ import yaml
 from medvlm3d.train.config import TrainConfig, schedule_steps
 
 from medvlm3d.config import ConfigError, config_dir, load_config, to_dict
+from recipe_helpers import PAPER_TINY
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "baselines.md"
 PAPER_CONFIGS = ("med2e3", "m3d_lamed", "ms_vlm", "med2e3_votemi_distill", "brainmd_votemi")
@@ -195,36 +196,7 @@ def test_builds_at_real_size_on_the_meta_device(name: str, tiny_tokenizer_dir: P
 # --------------------------------------------------------------------------------------------
 # one training step at tiny size
 
-TINY = [
-    "data.size=[16,32,32]", "data.slice_size=[32,32]", "data.num_workers=0", "data.max_text_len=96",
-    "model.encoder3d.preset=vit3d_tiny", "model.encoder3d.hidden_size=32", "model.encoder3d.num_layers=1",
-    "model.encoder3d.num_heads=2", "model.encoder3d.mlp_dim=64",
-    "model.slice_encoder.model_name=vit_tiny_patch16_224", "model.slice_encoder.num_tokens=4",
-    "model.slice_encoder.model_kwargs={patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2}",
-    "model.slice_encoder.gradient_checkpointing=false", "model.inter_slice.num_heads=2",
-    "model.projector.pool3d=[1,2,2]",
-    "model.llm.hidden_size=32", "model.llm.num_layers=2", "model.llm.num_heads=4", "model.llm.num_kv_heads=4",
-    "model.llm.intermediate_size=64", "model.llm.max_position_embeddings=512", "model.llm.dtype=float32",
-    "model.llm.gradient_checkpointing=false", "model.llm.lora.r=4", "model.llm.lora.alpha=8",
-    "train.mixed_precision='no'", "train.batch_size=2", "train.global_batch=0", "train.grad_accum=1",
-    "train.epochs=0", "train.max_steps=1", "train.log_every=1",
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 1-layer BERT folder (model + WordPiece tokenizer) standing in for M3D-CLIP's text tower."""
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    out = tmp_path_factory.mktemp("bert")
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    (out / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters,
-                                              *[f"##{c}" for c in letters]]) + "\n")
-    BertTokenizer(str(out / "vocab.txt")).save_pretrained(out)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=57, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32)).save_pretrained(out)
-    return out
+TINY = PAPER_TINY  # tests/train/recipe_helpers.py
 
 
 @pytest.mark.slow

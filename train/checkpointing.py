@@ -13,6 +13,10 @@ whole, and `COMPLETE` is the final file inside it, so `latest_complete` never re
 half-written checkpoint, whatever moment a kill lands on. Only the last `keep_last` complete
 checkpoints are kept; an old one is renamed out of the `step-*` namespace before it is deleted,
 so a kill during pruning cannot leave a half-deleted folder that still carries its marker.
+
+A write that fails (a full disk above all) removes its temporary folder, leaves the earlier
+checkpoints as they were, and on a full disk raises `medvlm3d.io.NoSpaceLeft` ("no space left on
+<run folder>", one line and exit 2 on the CLI) instead of torch's errno-less writer error.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from medvlm3d.io import atomic_write_json, atomic_write_text, fsync_tree
+from medvlm3d.io import NoSpaceLeft, atomic_write_json, atomic_write_text, fsync_tree, is_no_space
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +91,19 @@ def write_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier()
-    write_contents(tmp)
-    barrier()
+    try:
+        write_contents(tmp)
+        barrier()
+        if is_main:
+            atomic_write_json(tmp / "progress.json", progress, indent=None)
+            fsync_tree(tmp)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_no_space(e, root):
+            log.error("checkpoint step-%06d not written (disk full); the earlier checkpoints are intact", step)
+            raise NoSpaceLeft(root, e) from e
+        raise
     if is_main:
-        atomic_write_json(tmp / "progress.json", progress, indent=None)
-        fsync_tree(tmp)
         if final.exists():  # a stale folder of the same step (e.g. from an earlier, aborted run)
             _discard(final)
         os.replace(tmp, final)

@@ -9,6 +9,7 @@
     build_train_data(cfg, tokenizer, num_visual_tokens) -> (dataset, collate_fn)   the stage's own (train/stages/)
     study_data(cfg, records, tokenizer, num_visual_tokens) -> (StudyDataset, Collator)
     make_loader(dataset, collate_fn, cfg, processes=1) -> (DataLoader, EpochSampler)
+    set_sample_draws(loader, seed, epoch)       seeds the dataset's per-sample draws for an epoch
 
 Stages: `stage0_text` reads each record as plain LM text (the question and its target rendered by
 the tokenizer's chat template without any image, every token supervised; with
@@ -23,7 +24,9 @@ so the order of epoch e is the same in every run, whatever the number of process
 then hands out consecutive batches to the processes in turn, so with P processes of batch B the
 global batch of a step holds the same P*B samples as one process of batch P*B. The loader drops
 the last incomplete batch (every optimizer step sees a full global batch), and its own generator
-(worker seeds) is re-seeded per epoch too, so nothing here draws from the global RNG.
+(worker seeds) is re-seeded per epoch too, so nothing here draws from the global RNG. The
+per-sample draws (choice shuffle, augmentation) come from a generator seeded by (train.seed,
+epoch, sample index): `set_sample_draws(loader, seed, epoch)`, called by the loop each epoch.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medvlm3d.config import RunConfig
+from medvlm3d.data.dataset import PerSampleDraws
 from medvlm3d.data.errors import DataError
 from medvlm3d.data.prompts import IGNORE_INDEX, encode_example, format_record, shuffle_choices
 
@@ -45,6 +49,16 @@ log = logging.getLogger(__name__)
 def epoch_seed(seed: int, epoch: int) -> int:
     """A well-mixed 63-bit seed for (seed, epoch)."""
     return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+def set_sample_draws(loader: Any, seed: int, epoch: int) -> None:
+    """Seed the per-sample draws (data/dataset.py: PerSampleDraws) of the dataset behind `loader`
+    (through wrappers such as Subset) for `epoch`; before the loader's workers start."""
+    ds = getattr(loader, "dataset", None)
+    while ds is not None:
+        if isinstance(ds, PerSampleDraws):
+            ds.set_draws(seed, epoch)
+        ds = getattr(ds, "dataset", None)
 
 
 class EpochSampler(Sampler[int]):
@@ -126,7 +140,7 @@ def record_task(rec: dict[str, Any], task: str, vqa_mode: str) -> str:
     return task
 
 
-class TextDataset(Dataset):
+class TextDataset(PerSampleDraws, Dataset):
     """Records as plain causal-LM text: chat-rendered question + target, no image, all tokens
     supervised (truncated to `max_len`). `context="report"`: a VQA record's question is preceded
     by the answer of the report record of the same image ("<report>\n<question>")."""
@@ -160,7 +174,7 @@ class TextDataset(Dataset):
             self.shuffle = shuffle
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        rec = shuffle_choices(self.records[i]) if self.shuffle else self.records[i]
+        rec = shuffle_choices(self.records[i], self._generator(i)) if self.shuffle else self.records[i]
         question, target = format_record(rec, record_task(rec, self.task, self.vqa_mode))
         if self.reports and rec.get("task") == "vqa":
             question = f"{self.reports[str(rec['image'])]}\n{question}"

@@ -12,6 +12,13 @@ checkpoints and `final/` export), eval/ (predictions and metrics) and report.jso
 Stage settings come from configs/demo.yaml layered with configs/stage*.yaml, then the demo's own
 per-stage settings (`STAGE_SETTINGS`: step counts and what stage 2 trains, chosen by measurement),
 then `--set` overrides, which apply to every stage (e.g. `--set model.vote_mi.teacher=votes`).
+
+Stopping and continuing: SIGTERM/SIGINT during a stage finishes its step, saves a checkpoint and
+raises `TrainingStopped` (train/loop.py); the demo then stops (exit 130) and says how to go on:
+run the same `medvlm3d demo --out <folder>` again. A second run on the folder reuses its data
+and tokenizer, skips the stages whose `final/` export exists (written atomically, so it is
+whole), and resumes the stopped stage from its newest checkpoint (`train.resume=auto`). One demo
+per folder at a time: the folder is locked like a run folder (train/runfolder.py).
 """
 
 from __future__ import annotations
@@ -98,12 +105,19 @@ def make_data(out: Path, n_train: int, n_test: int) -> tuple[Path, Path, Path]:
     from medvlm3d.data.readers import read_records
     from medvlm3d.data.synthetic import check_disjoint_seeds, corpus_texts, make_dataset
     from medvlm3d.data.tokenizer import train_tokenizer
+    from medvlm3d.io import atomic_dir, atomic_write_json
 
     check_disjoint_seeds((0, n_train), (1, n_test))
+    train, test = out / "data" / "train" / "manifest.jsonl", out / "data" / "test" / "manifest.jsonl"
+    tok, done, made = out / "tokenizer", out / "data" / "made.json", {"n_train": n_train, "n_test": n_test}
+    if done.is_file() and json.loads(done.read_text(encoding="utf-8")) == made:
+        log.info("reusing the data and tokenizer in %s (a continued demo)", out)
+        return train, test, tok
     train = make_dataset(out / "data" / "train", n_train, seed=0)
     test = make_dataset(out / "data" / "test", n_test, seed=1)
-    tok = out / "tokenizer"
-    train_tokenizer(corpus_texts(read_records(train)), tok, vocab_size=1000)
+    with atomic_dir(tok) as tmp:  # a kill while training it leaves no half tokenizer to reuse
+        train_tokenizer(corpus_texts(read_records(train)), tmp, vocab_size=1000)
+    atomic_write_json(done, made)  # last: the data and tokenizer above are whole
     return train, test, tok
 
 
@@ -116,13 +130,19 @@ def run_stages(
     init_from: str = "",
     config: str = "demo",
     stage_settings: bool = True,
+    resume: bool = False,
 ) -> Path:
     """Run `stages` in order, each starting from the previous stage's export; returns the last.
-    `stage_settings` adds `STAGE_SETTINGS` (off: the stage YAMLs as they are)."""
+    `stage_settings` adds `STAGE_SETTINGS` (off: the stage YAMLs as they are). `resume`: a stage
+    whose `final/` exists is not run again, and a stopped one continues from its checkpoint."""
     from medvlm3d.train.recipe import run_training
 
     prev = init_from
     for stage in stages:
+        if resume and (out / stage / "final" / "checkpoint.json").is_file():
+            log.info("%s: already done (%s), not run again", stage, out / stage / "final")
+            prev = str(out / stage / "final")
+            continue
         cfg = load_config(
             config,
             [
@@ -132,6 +152,7 @@ def run_stages(
                 f"train.init_from={prev}",
                 f"data.cache_dir={out / 'cache'}",  # preprocessed volumes, shared by the stages
                 *(STAGE_SETTINGS.get(stage, ()) if stage_settings else ()),
+                *(["train.resume=auto"] if resume else []),
                 *overrides,
             ],
             layers=[stage],
@@ -181,24 +202,31 @@ def run_demo(out: str | Path, n_train: int = 1000, n_test: int = 40, config: str
     including that stage, then return {"checkpoint": ...} without evaluating or writing a report."""
     from medvlm3d.data.errors import ConfigError
     from medvlm3d.io import atomic_write_text
+    from medvlm3d.train.loop import TrainingStopped
+    from medvlm3d.train.runfolder import lock_run_folder
 
     for name, stage in (("skip_to", skip_to), ("stop_after", stop_after)):
         if stage is not None and stage not in STAGES:
             raise ConfigError(f"{name} must be one of {list(STAGES)}, got {stage!r}")
     out = Path(out)
     t0 = time.perf_counter()
-    train, test, tok = make_data(out, n_train, n_test)
-    if unsupervised:
-        train = strip_slice_labels(train, train.with_name("manifest_unlabelled.jsonl"))
-        config = UNSUPERVISED_CONFIG if config == "demo" else config
-    settings = demo_overrides(teacher, seed, unsupervised) + list(overrides)
-    first = 0 if skip_to is None else STAGES.index(skip_to)
-    stages = STAGES[first:len(STAGES) if stop_after is None else STAGES.index(stop_after) + 1]
-    init = "" if first == 0 else str(out / STAGES[first - 1] / "final")
-    final = run_stages(out, train, tok, settings, stages, init_from=init, config=config)
-    if stop_after is not None and stop_after != STAGES[-1]:
-        return {"checkpoint": str(final), "seconds": time.perf_counter() - t0}
-    result = evaluate_demo(final, test, out / "eval", meteor=meteor)
+    with lock_run_folder(out):
+        train, test, tok = make_data(out, n_train, n_test)
+        if unsupervised:
+            train = strip_slice_labels(train, train.with_name("manifest_unlabelled.jsonl"))
+            config = UNSUPERVISED_CONFIG if config == "demo" else config
+        settings = demo_overrides(teacher, seed, unsupervised) + list(overrides)
+        first = 0 if skip_to is None else STAGES.index(skip_to)
+        stages = STAGES[first:len(STAGES) if stop_after is None else STAGES.index(stop_after) + 1]
+        init = "" if first == 0 else str(out / STAGES[first - 1] / "final")
+        try:
+            final = run_stages(out, train, tok, settings, stages, init_from=init, config=config, resume=True)
+        except TrainingStopped as e:
+            raise TrainingStopped(f"{e}. The demo stopped there; run the same `medvlm3d demo --out {out}` again "
+                                  "to continue from that checkpoint", e.checkpoint) from e
+        if stop_after is not None and stop_after != STAGES[-1]:
+            return {"checkpoint": str(final), "seconds": time.perf_counter() - t0}
+        result = evaluate_demo(final, test, out / "eval", meteor=meteor)
     result["seconds"] = time.perf_counter() - t0
     result["checkpoint"] = str(final)
     result["settings"] = {"config": config, "unsupervised": unsupervised, "teacher": teacher, "seed": seed,

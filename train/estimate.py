@@ -107,6 +107,7 @@ def _llm_from_folder(cfg: RunConfig, tokenizer: Any) -> tuple[nn.Module, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from medvlm3d.model.llm import DTYPES, apply_lora
+    from medvlm3d.model.llm_family import grow_embeddings
 
     lc = cfg.model.llm
     folder = Path(lc.path).expanduser()
@@ -117,7 +118,7 @@ def _llm_from_folder(cfg: RunConfig, tokenizer: Any) -> tuple[nn.Module, Any]:
     if tokenizer is None:
         tokenizer = VocabStub(int(model.get_input_embeddings().weight.shape[0]))
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
+        grow_embeddings(model, len(tokenizer))  # on meta: no mean resizing (it reads values)
     if cfg.model.trainable.llm == "lora":
         model = apply_lora(model, lc.lora)
     return model, tokenizer

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from medvlm3d.config import RunConfig
 from medvlm3d.data.prompts import IGNORE_INDEX
 from medvlm3d.train.checkpointing import write_checkpoint
-from medvlm3d.train.data import epoch_seed
+from medvlm3d.train.data import epoch_seed, set_sample_draws
 from medvlm3d.train.losses import distill_weight
 from medvlm3d.train.stages import LossContext, get_stage
 
@@ -49,6 +49,16 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
     """Raised after `train.nan_abort_after` non-finite steps in a row (a checkpoint was saved)."""
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """Raised by run_training after SIGTERM/SIGINT: the current step finished and a checkpoint
+    was saved; `.checkpoint` is its model folder. A KeyboardInterrupt, so whatever runs stages in
+    a chain (the demo) stops too, and the CLI exits 130 with the message."""
+
+    def __init__(self, message: str, checkpoint: Path | None = None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,6 +188,7 @@ class Loop:
         while True:
             self.sampler.set_epoch(epoch)
             self.loader.set_epoch(epoch)
+            set_sample_draws(self.loader, self.cfg.train.seed, epoch)  # per-sample randomness
             dl = self.acc.skip_first_batches(self.loader, skip) if skip else self.loader
             if skip:
                 dl.set_epoch(epoch)

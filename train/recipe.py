@@ -20,7 +20,9 @@ batch_size × processes × grad_accum samples. The run folder (`train.output_dir
 is none), a path continues from that checkpoint: accelerator.load_state restores the model,
 optimizer, scheduler and RNG states, and the consumed batches of the current epoch are skipped
 without being loaded; on CPU the per-step losses then equal an uninterrupted run's exactly.
-A fresh start refuses a run folder that already holds checkpoints.
+A fresh start refuses a run folder that already holds checkpoints, and a run folder is used by
+one run at a time: an exclusive lock on `<output_dir>/.lock` (train/runfolder.py), released at
+exit and by the kernel when a run is killed.
 
 Data (train/data.py): the records are not all loaded up front (that is a full pass over every
 volume); a bad record raises a DataError naming it when its batch comes, and the run can resume
@@ -52,7 +54,9 @@ from torch import nn
 from medvlm3d.config import RunConfig, load_config, save_config, to_dict
 from medvlm3d.train.config import schedule_steps
 from medvlm3d.train.checkpointing import MARKER, complete_checkpoints, latest_complete, read_progress
-from medvlm3d.train.loop import Loop, Progress, TrainingDiverged, checkpoint_writer, exported, lm_loss_function, stage_module
+from medvlm3d.train.loop import (Loop, Progress, TrainingDiverged, TrainingStopped, checkpoint_writer, exported,
+                                 lm_loss_function, stage_module)
+from medvlm3d.train.runfolder import lock_run_folder, reset_metrics
 from medvlm3d.train.stages import get_stage
 
 log = logging.getLogger(__name__)
@@ -256,15 +260,6 @@ def resume_checkpoint(cfg: RunConfig, run_dir: Path) -> Path | None:
     return None
 
 
-def _trim_metrics(path: Path, step: int) -> None:
-    """Keep only the metrics lines of steps <= `step` (a killed run may have logged further)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-
-
 def _copy_atomic(src: Path, dst: Path) -> None:
     from medvlm3d.io import atomic_dir
 
@@ -277,9 +272,10 @@ def _copy_atomic(src: Path, dst: Path) -> None:
 
 
 def run_training(cfg: RunConfig) -> Path:
-    """Train one stage as `cfg` says; returns `<train.output_dir>/final` (or, when stopped by a
-    signal, the model folder of the checkpoint it saved). Raises TrainingDiverged after
-    `train.nan_abort_after` non-finite steps in a row."""
+    """Train one stage as `cfg` says; returns `<train.output_dir>/final`. Raises TrainingDiverged
+    after `train.nan_abort_after` non-finite steps in a row, TrainingStopped (a KeyboardInterrupt,
+    `.checkpoint` = the model folder it saved) after SIGTERM/SIGINT, and RunFolderBusy (a
+    ConfigError) when another run holds the run folder."""
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
@@ -296,8 +292,11 @@ def run_training(cfg: RunConfig) -> Path:
 
         t.grad_accum = schedule_steps(t, 0, PartialState().num_processes)[0]
     accelerator = make_accelerator(cfg, run_dir)
+    lock = None
     try:
-        if not accelerator.is_main_process:
+        if accelerator.is_main_process:
+            lock = lock_run_folder(run_dir)  # one run per folder (train/runfolder.py)
+        else:
             logging.getLogger("medvlm3d").setLevel(logging.WARNING)
         stage = get_stage(t.stage)
         ckpt = resume_checkpoint(cfg, run_dir)
@@ -344,11 +343,8 @@ def run_training(cfg: RunConfig) -> Path:
             progress.loss_history = list(saved.get("loss_history", []))[: progress.step]
             progress.nan_skipped = int(saved.get("nan_skipped", 0))
             log.info("resumed from %s at step %d", ckpt, progress.step)
-        if accelerator.is_main_process:
-            if ckpt is None:
-                (run_dir / "metrics.jsonl").write_text("", encoding="utf-8")
-            else:
-                _trim_metrics(run_dir / "metrics.jsonl", progress.step)
+        if accelerator.is_main_process:  # the rows of steps after the checkpoint go (atomically)
+            reset_metrics(run_dir / "metrics.jsonl", progress.step if ckpt is not None else 0)
         accelerator.init_trackers("tensorboard", config=_flat_config(cfg))
         accelerator.wait_for_everyone()
 
@@ -358,7 +354,9 @@ def run_training(cfg: RunConfig) -> Path:
         status = loop.run()
         last = run_dir / "checkpoints" / f"step-{progress.step:06d}" / "model"
         if status == "stopped":
-            return last
+            raise TrainingStopped(
+                f"stopped on a signal after step {progress.step} of {t.max_steps}; checkpoint {last.parent}. "
+                f"Continue with train.resume=auto (train.output_dir={run_dir})", checkpoint=last)
         final = run_dir / "final"
         if accelerator.is_main_process:
             _copy_atomic(last, final)
@@ -366,7 +364,11 @@ def run_training(cfg: RunConfig) -> Path:
         accelerator.wait_for_everyone()
         return final
     finally:
-        teardown(accelerator)
+        try:
+            teardown(accelerator)
+        finally:
+            if lock is not None:
+                lock.release()
 
 
 def teardown(accelerator: Any) -> None:

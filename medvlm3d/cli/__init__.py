@@ -8,10 +8,14 @@ Exit codes, one policy for every verb (the verbs do not catch exceptions themsel
 
     0    ok
     2    bad input or config: a `DataError` or `ConfigError` (medvlm3d.data.errors, both
-         ValueError subclasses) raised anywhere below the verb. One line `error: <message>` on
-         stderr, no traceback (`--log-level DEBUG` logs it). argparse usage errors are 2 too.
+         ValueError subclasses) raised anywhere below the verb, e.g. a run folder locked by
+         another run. One line `error: <message>` on stderr, no traceback (`--log-level DEBUG`
+         logs it). argparse usage errors are 2 too, and so is a full disk (an OSError with errno
+         ENOSPC/EDQUOT: "error: no space left on <path>").
     3    training diverged (`TrainingDiverged`, train/loop.py; a checkpoint was saved first)
-    130  interrupted (Ctrl-C, KeyboardInterrupt)
+    130  interrupted: Ctrl-C (KeyboardInterrupt), or SIGTERM/SIGINT during training
+         (`TrainingStopped`, a KeyboardInterrupt: the step finished, a checkpoint was saved, and
+         the message says how to continue)
     1    anything else is a bug: the traceback is printed on stderr.
 
 A verb may also return 2 itself when its own check finds bad input (e.g. `validate` when the
@@ -29,6 +33,7 @@ from types import ModuleType
 from typing import Any, Callable, Sequence
 
 from medvlm3d.data.errors import ConfigError, DataError
+from medvlm3d.io import NoSpaceLeft, is_no_space
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,7 @@ VERBS: dict[str, str] = {
     "infer": "answer a prompt about one scan; slice scores, Vote-MI picks, --plot/--json",
     "select": "Vote-MI slice selection alone: PNG slices + selection.json for any 2D VLM",
     "export": "write a standalone checkpoint (optionally with the LoRA merged)",
+    "convert": "turn released pickle weights (.bin/.pt, read weights_only) into .safetensors, once",
     "estimate": "memory planning: parameters, visual tokens, GPU memory per rank (ZeRO-2/3)",
     "demo": "the embedded default end to end: phantoms, stages 0-2, eval table",
 }
@@ -82,9 +88,17 @@ def guarded(run: Callable[[argparse.Namespace], int | None], args: argparse.Name
         log.debug("bad input or config", exc_info=True)
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {_one_line(e)}" if str(e) else "interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as e:
+        if not is_no_space(e):
+            traceback.print_exc()
+            return EXIT_BUG
+        log.debug("disk full", exc_info=True)
+        msg = str(e) if isinstance(e, NoSpaceLeft) else f"no space left on {e.filename or 'the output folder'}"
+        print(f"error: {msg}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except Exception as e:
         loop = sys.modules.get("medvlm3d.train.loop")  # only a verb that trained can have raised it
         if loop is not None and isinstance(e, loop.TrainingDiverged):

@@ -209,3 +209,20 @@ def test_malicious_external_bin_is_one_line_and_never_runs(tmp_path: Path, name:
             call()
         assert "\n" not in str(info.value) and str(src) in str(info.value) and "weights_only=True" in str(info.value)
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "o.safetensors").exists()
+
+
+def test_convert_verb_writes_safetensors_and_refuses_a_pickle_payload(tmp_path: Path, capsys) -> None:
+    from medvlm3d.cli import main
+
+    sd = {"w": torch.randn(2, 3)}
+    torch.save(sd, str(tmp_path / "weights.pt"))
+    assert main(["convert", str(tmp_path / "weights.pt"), str(tmp_path / "w.safetensors")]) == 0
+    assert torch.equal(load_file(str(tmp_path / "w.safetensors"))["w"], sd["w"])
+    assert "w.safetensors" in capsys.readouterr().out
+    evil = tmp_path / "pytorch_model.bin"
+    evil.write_bytes(pickle.dumps({"w": _Payload(tmp_path / "pwned")}))
+    assert main(["convert", str(evil), str(tmp_path / "e.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(evil) in err and err.count("\n") == 1
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "e.safetensors").exists()
+    assert main(["convert", str(tmp_path / "missing.bin"), str(tmp_path / "m.safetensors")]) == 2

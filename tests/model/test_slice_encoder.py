@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from medvlm3d.config import SliceEncoderConfig
 from medvlm3d.model.slice_encoder import SliceEncoder
+from medvlm3d.data.errors import ConfigError
 
 TINY_VIT = dict(model_name="vit_tiny_patch16_224",
                 model_kwargs=dict(patch_size=8, depth=1, embed_dim=32, num_heads=2))
@@ -92,6 +93,33 @@ def test_gradients_flow_to_backbone():
     assert enc.backbone.patch_embed.proj.weight.grad is not None
 
 
+@pytest.mark.parametrize("name", ["hf-hub:timm/vit_tiny_patch16_224.augreg_in21k", "timm/vit_tiny_patch16_224",
+                                  "local-dir:/models/vit"])
+def test_a_hub_model_name_is_a_config_error_and_nothing_is_fetched(name, monkeypatch):
+    import timm
+
+    def no_network(*_a, **_k):
+        raise AssertionError("timm.create_model was reached")
+
+    monkeypatch.setattr(timm, "create_model", no_network)
+    with pytest.raises(ConfigError, match="names a model hub; nothing is downloaded"):
+        SliceEncoder(SliceEncoderConfig(model_name=name), (32, 32))
+
+
+@pytest.mark.parametrize("kwargs", [{"no_such_kwarg": 1}, {"depth": 1, "embed_dims": 32}])
+def test_bad_model_kwargs_are_a_config_error_naming_the_key(kwargs):
+    with pytest.raises(ConfigError, match=r"slice_encoder.model_kwargs .* do not fit timm model 'vit_tiny_patch16_224'"):
+        SliceEncoder(SliceEncoderConfig(model_name="vit_tiny_patch16_224", model_kwargs=kwargs), (32, 32))
+
+
+def test_a_tagged_timm_name_is_accepted():
+    from medvlm3d.model.slice_encoder import check_model_name
+
+    check_model_name("vit_tiny_patch16_224.augreg_in21k")  # a pretrained tag, no hub
+    with pytest.raises(ConfigError, match="similar names"):
+        check_model_name("vit_tiny_patch16_999")
+
+
 @pytest.mark.parametrize("tokens", [2, 5, 8])
 def test_rejects_non_square_num_tokens(tokens):
     with pytest.raises(ValueError, match="num_tokens must be a perfect square"):
@@ -101,7 +129,7 @@ def test_rejects_non_square_num_tokens(tokens):
 def test_rejects_bad_inputs():
     with pytest.raises(ValueError, match=r"img_size must be \(h, w\)"):
         SliceEncoder(SliceEncoderConfig(**TINY_RESNET), (32, 32, 32))
-    with pytest.raises(ValueError, match="cannot build timm model 'no_such_net'"):
+    with pytest.raises(ConfigError, match="'no_such_net' is not a timm architecture"):
         SliceEncoder(SliceEncoderConfig(model_name="no_such_net"), (32, 32))
     enc = SliceEncoder(SliceEncoderConfig(**TINY_RESNET), (32, 32))
     with pytest.raises(ValueError, match=r"expected slices \[B, S, 1, 32, 32\].*got \[1, 2, 1, 16, 16\]"):

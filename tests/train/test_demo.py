@@ -39,3 +39,46 @@ def test_demo_runs_every_stage_and_reports_the_four_figures(tmp_path: Path, caps
     digests = {split: {hashlib.sha256(f.read_bytes()).hexdigest() for f in (out / "data" / split / "volumes").iterdir()}
                for split in ("train", "test")}
     assert len(digests["train"]) == 6 and len(digests["test"]) == 3 and not (digests["train"] & digests["test"])
+
+
+def test_a_stopped_demo_stops_and_a_second_run_continues(tmp_path: Path, monkeypatch, capsys) -> None:
+    # The stages are faked (the real signal path is tested in test_recipe_training.py): stage1
+    # is stopped by a signal the first time; the demo must not go on to stage 2 from it.
+    from medvlm3d.train import demo, recipe
+    from medvlm3d.train.loop import TrainingStopped
+
+    calls: list[tuple[str, str, str]] = []
+    stopped: list[str] = []
+
+    def fake_run_training(cfg):
+        stage, run = cfg.train.stage, Path(cfg.train.output_dir)
+        calls.append((stage, cfg.train.resume, cfg.train.init_from))
+        if stage == "stage1_align" and not stopped:
+            stopped.append(stage)
+            raise TrainingStopped(f"stopped on a signal after step 3 of 300; checkpoint {run}/checkpoints/step-000003",
+                                  run / "checkpoints" / "step-000003" / "model")
+        (run / "final").mkdir(parents=True)
+        (run / "final" / "checkpoint.json").write_text("{}")
+        return run / "final"
+
+    monkeypatch.setattr(recipe, "run_training", fake_run_training)
+    monkeypatch.setattr(demo, "evaluate_demo", lambda final, test, out, meteor=False: {
+        "figures": {k: 1.0 for k in TARGETS}})
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--n-train", "4", "--n-test", "2"]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert f"medvlm3d demo --out {out}" in err and "step 3 of 300" in err
+    assert [c[0] for c in calls] == ["stage0_text", "stage0_clip", "stage1_align"]
+    tok = (out / "tokenizer" / "tokenizer.json").read_bytes()
+    volumes = {p.name: p.stat().st_mtime_ns for p in (out / "data" / "train" / "volumes").iterdir()}
+
+    calls.clear()
+    assert main(args) == 0
+    # the finished stages are not run again; the stopped one resumes; stage 2 starts from its export
+    assert [c[0] for c in calls] == ["stage1_align", "stage2_finetune"]
+    assert all(c[1] == "auto" for c in calls)
+    assert calls[0][2] == str(out / "stage0_clip" / "final") and calls[1][2] == str(out / "stage1_align" / "final")
+    assert (out / "tokenizer" / "tokenizer.json").read_bytes() == tok  # data and tokenizer reused
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "data" / "train" / "volumes").iterdir()} == volumes
+    assert (out / "report.json").is_file()

@@ -188,12 +188,39 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_finishes(phantom, tmp_pat
 
     monkeypatch.setattr(loop_mod.Loop, "step", step)
     run = tmp_path / "run"
-    out = run_training(tiny(phantom, run, "stage1_align", "four", "train.max_steps=5"))
+    with pytest.raises(loop_mod.TrainingStopped, match=r"after step 2 of 5.*train.resume=auto") as stopped:
+        run_training(tiny(phantom, run, "stage1_align", "four", "train.max_steps=5"))
+    out = stopped.value.checkpoint
+    assert isinstance(stopped.value, KeyboardInterrupt)  # the CLI exits 130; a stage chain stops
     assert out == run / "checkpoints" / "step-000002" / "model" and (out / "model.safetensors").is_file()
     assert not (run / "final").exists() and read_progress(latest_complete(run))["step"] == 2
+    assert [r["step"] for r in metrics(run)] == [1, 2]
     monkeypatch.setattr(loop_mod.Loop, "step", real)
     final = run_training(tiny(phantom, run, "stage1_align", "four", "train.max_steps=5", "train.resume=auto"))
     assert final == run / "final" and len(history(run)) == 5
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_train_verb_exits_130_on_a_signal_and_says_how_to_continue(phantom, tmp_path, monkeypatch, capsys,
+                                                                    signum) -> None:
+    from medvlm3d.cli import main
+
+    real = loop_mod.Loop.step
+
+    def step(self, batches, stop):
+        if self.progress.step == 0:
+            os.kill(os.getpid(), signum)
+        return real(self, batches, stop)
+
+    monkeypatch.setattr(loop_mod.Loop, "step", step)
+    run = tmp_path / "run"
+    code = main(["train", "--config", "tiny", "--stage", "stage1_align", f"model.llm.tokenizer={phantom['tok']}",
+                 f"data.train={phantom['four']}", f"train.output_dir={run}", "train.max_steps=4"])
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "interrupted: stopped on a signal after step 1 of 4" in err and "train.resume=auto" in err
+    assert read_progress(latest_complete(run))["step"] == 1 and not (run / "final").exists()
 
 
 @pytest.mark.slow
