@@ -39,8 +39,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from medvlm3d.config import TGISConfig, VoteMIConfig, load_config
+from medvlm3d.config import TGISConfig, load_config
 from medvlm3d.model.tgis import SCORERS, ContextScorer, masked_softmax, slice_descriptors, volume_normalised
+from medvlm3d.data.select.context import slice_context
 from medvlm3d.data.select.votek import VoteMI, intensity_features
 from medvlm3d.train.losses import distillation_loss, slice_loss
 
@@ -85,11 +86,11 @@ def features(config: str, out: Path, n_train: int, n_test: int, teacher: str, in
             vmf = intensity_features(b["slices"], size=cfg.model.vote_mi.feature_size, mask=mask)
             q = vmi.teacher(vmf, mask, plane)
             votes = torch.stack([next(iter(r.values())).votes.float() for r in vmi.select(vmf, mask, plane)])
-            vk = ContextScorer(TGISConfig(scorer="context", context_features="intensity"), 8,
-                               vote_mi=cfg.model.vote_mi).intensity_inputs(b["slices"], mask, plane)[1]
+            ctx = slice_context(b["slices"], plane, cfg.model.vote_mi, mask)  # what study_tensors computes
+            vk = ctx[..., -2:]  # vote-k's (votes / max, picks)
             vflat = v.flatten(2)  # [N, S, T*D]: the slice tokens, not pooled
             picks_on = {name: vmi.teacher(feat, mask, plane) for name, feat in (("z", z), ("v", vflat))}
-            for k, t in dict(z=z, vflat=vflat, vmf=vmf, vk=vk, q_z=picks_on["z"], q_v=picks_on["v"], text=text, mask=mask, q=q, votes=votes, target=b["slice_target"],
+            for k, t in dict(z=z, vflat=vflat, vmf=vmf, vk=vk, ctx=ctx, q_z=picks_on["z"], q_v=picks_on["v"], text=text, mask=mask, q=q, votes=votes, target=b["slice_target"],
                              has_target=b["has_slice_target"]).items():
                 rows.setdefault(k, []).append(t.float() if t.is_floating_point() else t)
         result[split] = {k: torch.cat(v) for k, v in rows.items()}
@@ -171,13 +172,12 @@ class Registered(nn.Module):
 class OnIntensity(Registered):
     """The `context` scorer with its cross-slice term on the teacher's intensity features."""
 
-    def __init__(self, dim: int, text_dim: int, tau: float, vote_mi: VoteMIConfig) -> None:
+    def __init__(self, dim: int, text_dim: int, tau: float) -> None:
         super().__init__("context", dim, text_dim, tau)
-        self.scorer = ContextScorer(TGISConfig(tau=tau, scorer="context", context_features="intensity"), dim,
-                                    vote_mi=vote_mi)
+        self.scorer = ContextScorer(TGISConfig(tau=tau, scorer="context", context_features="intensity"), dim)
 
     def forward(self, f: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.scorer.scores_from(f["z"], self.text_proj(f["text"]), f["mask"], f["vmf"], f["vk"])
+        return self.scorer(f["z"], self.text_proj(f["text"]), f["mask"], f["ctx"])
 
 
 class SimOnly(nn.Module):
@@ -290,7 +290,7 @@ def main() -> None:
                 heads[f"scorer '{name}' {kw}"] = lambda name=name, kw=kw: Registered(name, d, dt, 5.0, **kw)
             heads[f"scorer '{name}' on the unpooled slice tokens"] = lambda name=name: Registered(name, dv, dt, 5.0, "vflat")
     for tau in (5.0, 1.0):
-        heads[f"scorer 'context' on intensity features tau={tau:g}"] = lambda tau=tau: OnIntensity(d, dt, tau, tr["vote_mi"])
+        heads[f"scorer 'context' on intensity features tau={tau:g}"] = lambda tau=tau: OnIntensity(d, dt, tau)
     if a.quick:
         heads = {k: heads[k] for k in ("med2e3 tau=5, default init", "scorer 'context' tau=5",
                                        "scorer 'context' on intensity features tau=5")}

@@ -26,6 +26,8 @@ class Batch:
     slice_target [N, S] float, has_slice_target [N] bool    supervised slice labels | None
     teacher [N, S] float      data-side selector's distribution (0 on padding) | None
     slice_keep [N, P] long    data-side picks (positions along S) for 2d_only | None
+    slice_context [N, S, F] float   data-side per-slice features of the `context` scorer on
+                              intensity (data/select/context.py), 0 on padding | None
     ids, targets: B strings; records: B dicts    bookkeeping, unused by the model
     """
 
@@ -47,6 +49,7 @@ class Batch:
     has_slice_target: torch.Tensor | None = None
     teacher: torch.Tensor | None = None
     slice_keep: torch.Tensor | None = None
+    slice_context: torch.Tensor | None = None
     ids: list[str] | None = None
     targets: list[str] | None = None
     records: list[Any] | None = None

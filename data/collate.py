@@ -17,6 +17,8 @@
       has_slice_target [N] bool
       teacher [N, S] float          when the samples carry one: the distillation target, 0 where padded
       slice_keep [N, P] long        when the samples carry one: picked slice positions (2d_only)
+      slice_context [N, S, F] float when the samples carry one: the `context` scorer's per-slice
+                                    intensity features (data/select/context.py), 0 where padded
       ids, questions, targets: list[str] (length B); records: list[dict]
 
 Left padding is for batched generation (prompts end at the same position). Slices are always
@@ -93,14 +95,14 @@ def _pad(seqs: Sequence[torch.Tensor], value: float, side: str) -> torch.Tensor:
 
 def collate_images(samples: Sequence[dict[str, Any]], ids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
     """The image half of a batch: per-sample image tensors (data/select/step.py: study_tensors)
-    -> volumes, image_to_sample, slices (padded), slice_* [N, S], teacher / slice_keep when
-    given. A sample without slice_target gets zeros (e.g. at inference)."""
+    -> volumes, image_to_sample, slices (padded), slice_* [N, S], teacher / slice_keep /
+    slice_context when given. A sample without slice_target gets zeros (e.g. at inference)."""
     if ids is None:
         ids = [str(s.get("id", i)) for i, s in enumerate(samples)]
     volumes, owner, slices, lengths = [], [], [], []
     per_image: dict[str, list[torch.Tensor]] = {k: [] for k in _PER_IMAGE_KEYS}
     has_target, series = [], []
-    extra: dict[str, list[torch.Tensor]] = {"teacher": [], "slice_keep": []}
+    extra: dict[str, list[torch.Tensor]] = {"teacher": [], "slice_keep": [], "slice_context": []}
     first_shape = None
     for b, (s, sid) in enumerate(zip(samples, ids)):
         vol = torch.as_tensor(s["volume"])
@@ -132,7 +134,10 @@ def collate_images(samples: Sequence[dict[str, Any]], ids: Sequence[str] | None 
             raise ValueError(f"sample {sid!r}: has_slice_target must be [{n_img}], got {tuple(hst.shape)}")
         for k in extra:
             if k in s:
-                extra[k].extend(torch.as_tensor(s[k]).unbind(0))
+                t = torch.as_tensor(s[k])
+                if k == "slice_context" and (t.ndim != 3 or tuple(t.shape[:2]) != (n_img, n_sl)):
+                    raise ValueError(f"sample {sid!r}: slice_context must be [{n_img}, {n_sl}, F], got {tuple(t.shape)}")
+                extra[k].extend(t.unbind(0))
         volumes.append(vol)
         owner.extend([b] * n_img)
         slices.extend(sl.unbind(0))

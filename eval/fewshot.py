@@ -65,7 +65,7 @@ CROSS = (("random", "vote_k"), ("vote_mi", "random"))
 _SELECTORS = {"random": "random", "vote_mi": "votek"}  # registered selectors (data/select/)
 EMBEDDINGS = ("encoder", "intensity")
 _IMAGE_KEYS = ("volume", "slices", "slice_plane", "slice_index", "slice_pos", "slice_target", "teacher",
-               "slice_keep", "has_slice_target")
+               "slice_keep", "slice_context", "has_slice_target")
 PAPER_NOTE = ("differs from BrainMD: the VLM is this checkpoint, trained by this package (the paper prompts "
               "existing 2D VLMs); the protocol (slice selection, vote-k annotation once, examples with their "
               "slices and labels) is the paper's")

@@ -7,7 +7,8 @@ One training step (N images over B samples; S slices per image, padded; T tokens
     slice_encoder(slices [N,S,1,h,w], mask)   -> [N, S, T, D2] (-> InterSlice) -> Projector2D -> v [N,S,T,Dl]
     text feature of the question              -> t [N, Dt]
     TGIS(x3d, grid, v, t, pos, plane, mask)   -> scores s [N, S] (sum 1 over real slices), z2d [N, T, Dl]
-    teacher q [N, S], slice_keep [N, P]       from the batch: computed on the data side (data/select/)
+    teacher q [N, S], slice_keep [N, P],
+    slice_context [N, S, F]                   from the batch: computed on the data side (data/select/)
     visual tokens per variant:
         2e3, 2e3_interslice: [x3d ; z2d]      -> [N, N3' + T, Dl]
         3d_only:             x3d              -> [N, N3', Dl]
@@ -129,7 +130,7 @@ class MedVLM(nn.Module):
             if mc.tgis.text_source == "hf":
                 self.text_encoder = TextEncoder(mc.tgis.text_encoder, out_pooling=mc.tgis.text_pooling)
                 text_dim = self.text_encoder.out_dim
-            self.tgis = TGIS(mc.tgis, width, text_dim, vote_mi=mc.vote_mi)
+            self.tgis = TGIS(mc.tgis, width, text_dim)
         apply_trainable_policy(self.components(), mc.trainable)
         self.feature_cache: FeatureCache | None = None  # enable_feature_cache; never saved
         self._cached_encoders: tuple[str, ...] = ()
@@ -258,11 +259,13 @@ class MedVLM(nn.Module):
         slice_keep: torch.Tensor | None = None,
         slice_series: torch.Tensor | None = None,
         image_to_sample: torch.Tensor | None = None,
+        slice_context: torch.Tensor | None = None,
     ) -> VisualOutput:
         """volumes [N,1,D,H,W], slices [N,S,1,h,w], slice_mask/pos/plane [N,S], text [N,Dt],
         teacher [N,S] (the batch's, passed through), slice_keep [N,P] (2d_only's data-side picks),
         slice_series [N,S] (series / phase ids), image_to_sample [N] (2d_interslice: the images of
-        a sample are read together; None = one image per sample)
+        a sample are read together; None = one image per sample), slice_context [N,S,F] (the
+        TG-IS scorer's data-side per-slice features, data/select/context.py)
         -> VisualOutput with tokens [N, num_visual_tokens, Dl]."""
         x3d = None
         if self.encoder3d is not None:
@@ -291,7 +294,8 @@ class MedVLM(nn.Module):
             chosen = torch.gather(v, 1, repeat(picks, "n p -> n p t d", t=v.shape[2], d=v.shape[3]))
             return VisualOutput(tokens=rearrange(chosen, "n p t d -> n (p t) d"), teacher=teacher, picks=picks)
 
-        out = self.tgis(x3d, self.projector3d.out_grid, v, text, slice_pos, slice_plane, slice_mask, slices=slices)
+        out = self.tgis(x3d, self.projector3d.out_grid, v, text, slice_pos, slice_plane, slice_mask,
+                        slice_context=slice_context)
         tokens = torch.cat([x3d, out.z2d], dim=1)
         return VisualOutput(tokens=tokens, scores=out.scores, logits=out.logits, teacher=teacher)
 
@@ -309,7 +313,7 @@ class MedVLM(nn.Module):
         vis = self.encode_images(
             batch.volumes.to(enc_dtype), batch.slices.to(enc_dtype), batch.slice_mask, batch.slice_pos,
             batch.slice_plane, text, teacher=batch.teacher, slice_keep=batch.slice_keep,
-            slice_series=batch.slice_series, image_to_sample=its,
+            slice_series=batch.slice_series, image_to_sample=its, slice_context=batch.slice_context,
         )
         embeds = self.splice(batch.input_ids, vis.tokens)
         return embeds, batch.attention_mask.to(embeds.device), vis

@@ -16,10 +16,10 @@ lie (a score-weighted sum of tokens otherwise forgets it). P starts at zero, so 
 scores and fuses exactly as one without it.
 
 The logits come from the slice scorer named by `cfg.scorer` (registry `SCORERS`; a scorer maps
-z [B, S, D], t [B, D], mask [B, S] -> logits [B, S] float32): "med2e3" (default) is the formula
-above; "context" adds a gated cross-slice term that can follow the Vote-MI teacher
-(`ContextScorer`, on the slices' intensity features with `cfg.context_features: intensity`;
-model/slice_scorers.py, docs/distillation.md).
+z [B, S, D], t [B, D], mask [B, S], context [B, S, F] | None -> logits [B, S] float32): "med2e3"
+(default) is the formula above; "context" adds a gated cross-slice term that can follow the
+Vote-MI teacher (`ContextScorer`; with `cfg.context_features: intensity` it reads `context`, the
+batch's data-side `slice_context`; model/slice_scorers.py, docs/distillation.md).
 
 With `cfg.top_k > 0` only the k highest-scoring real slices keep mass (a softmax renormalised
 over those); the others are exactly 0, and gradients still flow through the kept logits.
@@ -41,7 +41,6 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange, reduce
 from medvlm3d.data.errors import ConfigError
-from medvlm3d.data.select.base import VoteMIConfig
 from medvlm3d.model.inter_slice import sinusoid
 from torch import nn
 
@@ -59,7 +58,7 @@ class TGISConfig:
     pos_embed: bool = False  # add a learned slice-position (and plane) embedding to each slice's tokens
     scorer: str = "med2e3"  # slice scorer (SCORERS below): med2e3 (z.t/tau) | context (+ gated cross-slice term)
     # what the `context` scorer's cross-slice term compares: "intensity" (the Vote-MI teacher's own
-    # slice features, computed from the slices, no gradient) or "tokens" (the descriptors z)
+    # slice features: the batch's slice_context, computed on the data side) or "tokens" (the descriptors z)
     context_features: str = "tokens"
     # Dropout on the scores used for the fusion (Med-2E3: 0.1); `TGISOutput.scores` stay undropped
     score_dropout: float = 0.0
@@ -169,7 +168,7 @@ class TGIS(nn.Module):
     """Text-guided inter-slice scores and fusion. Parameters: `text_proj`, and with
     `cfg.pos_embed` the slice-position map `pos_proj` (zero-initialised) and `plane_embed`."""
 
-    def __init__(self, cfg: TGISConfig, dim: int, text_dim: int, vote_mi: VoteMIConfig | None = None) -> None:
+    def __init__(self, cfg: TGISConfig, dim: int, text_dim: int) -> None:
         super().__init__()
         if not (isinstance(dim, int) and dim > 0 and isinstance(text_dim, int) and text_dim > 0):
             raise ValueError(f"TGIS: dim and text_dim must be positive integers, got {dim!r}, {text_dim!r}")
@@ -191,8 +190,7 @@ class TGIS(nn.Module):
             nn.init.zeros_(self.pos_proj.bias)
             self.plane_embed = nn.Embedding(len(PLANES), dim)
             nn.init.zeros_(self.plane_embed.weight)
-        # built last: the layers above keep their init; `vote_mi` sets the intensity context's vote-k
-        self.scorer = SCORERS.build(cfg.scorer, cfg, dim, vote_mi=vote_mi or VoteMIConfig())
+        self.scorer = SCORERS.build(cfg.scorer, cfg, dim)  # built last: the layers above keep their init
         self.score_dropout = nn.Dropout(cfg.score_dropout) if cfg.score_dropout > 0 else None
 
     def position_embedding(self, slice_pos: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
@@ -243,10 +241,10 @@ class TGIS(nn.Module):
         slice_pos: torch.Tensor,
         slice_plane: torch.Tensor,
         mask: torch.Tensor,
-        slices: torch.Tensor | None = None,
+        slice_context: torch.Tensor | None = None,
     ) -> TGISOutput:
-        """See the module docstring for shapes; `slices` [B, S, 1, h, w] go to a scorer that reads
-        them (`reads_slices`, e.g. `context` on intensity features)."""
+        """See the module docstring for shapes; `slice_context` [B, S, F] (the batch's data-side
+        per-slice features) goes to the scorer, which may need it (`context` on intensity)."""
         grid = tuple(int(g) for g in grid)  # type: ignore[assignment]
         self._check(x3d, grid, v, text, slice_pos, slice_plane, mask)
         plane = torch.where(mask, slice_plane.long(), torch.zeros_like(slice_plane, dtype=torch.long))
@@ -255,10 +253,7 @@ class TGIS(nn.Module):
             v = v + pe.unsqueeze(2).to(v.dtype)
         z = slice_descriptors(x3d, grid, v, slice_pos, plane)  # [B, S, D]
         t = self.text_proj(text.to(self.text_proj.weight.dtype))  # [B, D]
-        if getattr(self.scorer, "reads_slices", False):
-            logits = self.scorer(z, t, mask, slices=slices, slice_plane=plane)  # [B, S] float32
-        else:
-            logits = self.scorer(z, t, mask)
+        logits = self.scorer(z, t, mask, slice_context)  # [B, S] float32
         keep = mask if self.top_k == 0 else topk_mask(logits, mask, self.top_k)
         scores = masked_softmax(logits, keep)
         fused = scores if self.score_dropout is None else self.score_dropout(scores)

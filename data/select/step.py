@@ -9,8 +9,12 @@ pre-selection, the distillation teacher and the 2d_only picks computed here (nev
       slice_target [n_img, S'] float                    (when given)
       teacher [n_img, S'] float                         (plan.teacher: sums to 1 per image)
       slice_keep [n_img, P] long                        (plan.keep: positions along S')
+      slice_context [n_img, S', F] float                (plan.context: the `context` TG-IS scorer's
+                                                         per-slice intensity features, data/select/context.py)
     S' = model.preselect_k when pre-selection is on (and below S), else S. The kept slices carry
     their own plane, index and position, so slice_index still names the slice in the volume.
+Teacher, picks and slice_context are computed over the S' slices the model sees, and again by
+`restrict` when a sample is cut.
 
 The dataset (data/dataset.py), `generate` (model/generation.py) and eval all call this one step.
 """
@@ -29,10 +33,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .base import Selector, build_selector
+from .base import Selector, VoteMIConfig, build_selector
+from .context import needs_slice_context, slice_context
 
 log = logging.getLogger(__name__)
 _PER_SLICE = ("slices", "slice_plane", "slice_index", "slice_pos", "slice_series", "slice_target")
+_SELECTED = ("teacher", "slice_keep", "slice_context")  # computed by `select` over the slices given
 
 
 @dataclass
@@ -44,6 +50,7 @@ class SelectionPlan:
     teacher: bool = False  # emit the selector's teacher
     keep: bool = False  # emit the selector's picks as slice_keep
     preselect_k: int = 0
+    context: VoteMIConfig | None = None  # emit slice_context (vote-k's k / num_picks from here)
     key: str = ""  # what the picks depend on (from_config); "" = never cached
 
     @classmethod
@@ -54,13 +61,16 @@ class SelectionPlan:
         want_teacher = bool(teacher) and vm.teacher != "off"
         want_keep = model_cfg.variant == "2d_only"
         k = int(getattr(model_cfg, "preselect_k", 0))
+        want_context = needs_slice_context(model_cfg)
         return cls(
             preselect=build_selector(model_cfg.preselector, vm, k) if k > 0 else None,
             select=build_selector(vm.selector, vm, vm.num_picks) if (want_teacher or want_keep) else None,
             teacher=want_teacher,
             keep=want_keep,
             preselect_k=k,
-            key=json.dumps([dataclasses.asdict(vm), model_cfg.preselector, k, want_teacher, want_keep], sort_keys=True),
+            context=vm if want_context else None,
+            key=json.dumps([dataclasses.asdict(vm), model_cfg.preselector, k, want_teacher, want_keep]
+                           + [want_context] * want_context, sort_keys=True),
         )
 
 
@@ -111,7 +121,8 @@ def study_tensors(
 
 
 def _choose(out: dict[str, torch.Tensor], plan: SelectionPlan, index: int) -> dict[str, torch.Tensor]:
-    """{"preselect": [n_img, k] (when it cuts), "teacher", "slice_keep"}: what the plan picks."""
+    """{"preselect": [n_img, k] (when it cuts), "teacher", "slice_keep", "slice_context"}: what the
+    plan picks and computes."""
     chosen: dict[str, torch.Tensor] = {}
     n_img, s = out["slices"].shape[:2]
     if plan.preselect is not None and plan.preselect_k < s:
@@ -122,7 +133,7 @@ def _choose(out: dict[str, torch.Tensor], plan: SelectionPlan, index: int) -> di
         ])
         out = _gather(out, chosen["preselect"])
     picked = select(out, plan, index)
-    return chosen | {k: picked[k] for k in ("teacher", "slice_keep") if k in picked}
+    return chosen | {k: picked[k] for k in _SELECTED if k in picked}
 
 
 def _read(path: Path) -> dict[str, torch.Tensor] | None:
@@ -160,10 +171,11 @@ def cache_name(volume_key: str, plan: SelectionPlan, index: int, slice_target: t
 
 
 def select(images: dict[str, torch.Tensor], plan: SelectionPlan | None, index: int = 0) -> dict[str, torch.Tensor]:
-    """Add the plan's teacher [n_img, S] / slice_keep [n_img, P] to per-sample image tensors."""
-    out = dict(images)
-    out.pop("teacher", None)
-    out.pop("slice_keep", None)
+    """Add the plan's teacher [n_img, S] / slice_keep [n_img, P] / slice_context [n_img, S, F] to
+    per-sample image tensors (any given ones are dropped: they belong to other slices)."""
+    out = {k: v for k, v in images.items() if k not in _SELECTED}
+    if plan is not None and plan.context is not None:
+        out["slice_context"] = slice_context(out["slices"], out["slice_plane"], plan.context)
     if plan is None or plan.select is None:
         return out
     n_img = out["slices"].shape[0]
@@ -179,5 +191,5 @@ def select(images: dict[str, torch.Tensor], plan: SelectionPlan | None, index: i
 def restrict(images: dict[str, Any], keep: torch.Tensor, plan: SelectionPlan | None = None,
              index: int = 0) -> dict[str, Any]:
     """A sample (or its image tensors) cut to the slices at keep [n_img, k] (per-slice tensors
-    gathered), with the plan's teacher / picks computed again over the kept slices."""
+    gathered), with the plan's teacher / picks / slice_context computed again over the kept slices."""
     return select(_gather(images, keep), plan, index)

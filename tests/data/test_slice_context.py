@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from medvlm3d.config import TGISConfig, VoteMIConfig
+from medvlm3d.config import VoteMIConfig
 from medvlm3d.data.select.votek import VoteMI, intensity_features
-from medvlm3d.model.slice_scorers import INTENSITY_TEMPS, ContextScorer, volume_normalised
+from medvlm3d.data.select.context import (CONTEXT_FEATURES, INTENSITY_TEMPS, slice_context, soft_relations,
+                                          volume_normalised)
 
 
 def phantom_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -27,9 +28,9 @@ def phantom_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def in_model_features(slices: torch.Tensor, plane: torch.Tensor, mask: torch.Tensor,
                       vm: VoteMIConfig) -> torch.Tensor:
-    """The reference: what ContextScorer's forward computed from the raw slices before the move
-    (intensity features -> soft in-votes and density at 3 temperatures, then vote-k's votes / max
-    and picks), as the MLP's input [B, S, 8]."""
+    """The reference: what ContextScorer's forward computed from the raw (padded) slices before the
+    move (`intensity_inputs`, then `relations` on the volume-normalised features at 3 temperatures;
+    pinned against that code in the commit that added this test), as the MLP's input [B, S, 8]."""
     feats = intensity_features(slices.float(), size=vm.feature_size, mask=mask)
     vk = torch.zeros(*mask.shape, 2)
     for i, planes in enumerate(VoteMI(vm).select(feats, mask, plane)):
@@ -37,18 +38,21 @@ def in_model_features(slices: torch.Tensor, plane: torch.Tensor, mask: torch.Ten
             vk[i, :, 0] += (r.votes / r.votes.max().clamp_min(1.0)).float()
             vk[i, r.picks, 1] = 1.0
     hn = torch.nn.functional.normalize(volume_normalised(feats, mask), dim=-1)
-    rel = [x.unsqueeze(-1) for t in INTENSITY_TEMPS for x in ContextScorer.relations(hn, mask, t)]
+    rel = [x.unsqueeze(-1) for t in INTENSITY_TEMPS for x in soft_relations(hn, mask, t)]
     return torch.cat(rel + [vk], dim=-1)
 
 
 VM = VoteMIConfig(k=3, num_picks=4)
 
 
-def test_reference_is_the_old_in_model_code() -> None:
+def test_data_side_features_equal_the_old_in_model_ones() -> None:
+    """Per study on the data side (unpadded, as study_tensors computes them), then collated: the
+    padded batch equals the old in-model features to 1e-6, and is exactly 0 on padding."""
     slices, plane, mask = phantom_batch()
-    scorer = ContextScorer(TGISConfig(scorer="context", context_features="intensity"), 8, vote_mi=VM)
-    feats, vk = scorer.intensity_inputs(slices, mask, plane)
-    hn = torch.nn.functional.normalize(volume_normalised(feats, mask), dim=-1)
-    rel = [x.unsqueeze(-1) for t in scorer.temps for x in scorer.relations(hn, mask, t)]
-    old = torch.cat(rel + [vk], dim=-1)
-    torch.testing.assert_close(in_model_features(slices, plane, mask, VM), old, atol=1e-6, rtol=0)
+    per_study = [slice_context(slices[i, mask[i]][None], plane[i, mask[i]][None], VM) for i in range(2)]
+    assert [tuple(x.shape) for x in per_study] == [(1, 36, CONTEXT_FEATURES), (1, 30, CONTEXT_FEATURES)]
+    assert all(x.dtype == torch.float32 for x in per_study)
+    batched = torch.nn.utils.rnn.pad_sequence([x[0] for x in per_study], batch_first=True)
+    torch.testing.assert_close(batched, in_model_features(slices, plane, mask, VM), atol=1e-6, rtol=0)
+    assert torch.all(batched[1, 30:] == 0)
+    torch.testing.assert_close(slice_context(slices, plane, VM, mask), batched, atol=1e-6, rtol=0)

@@ -16,6 +16,8 @@ import torch
 
 from medvlm3d.config import TGISConfig
 from medvlm3d.model.tgis import SCORERS, TGIS, ContextScorer, Med2E3Scorer, volume_normalised
+from medvlm3d.data.errors import DataError
+from medvlm3d.data.select.context import slice_context
 from medvlm3d.data.select.votek import VoteMI, intensity_features
 from medvlm3d.train.losses import distillation_loss
 
@@ -142,18 +144,19 @@ def test_intensity_context_follows_the_teacher_on_unseen_studies(frozen) -> None
     """The fix of docs/distillation.md §4: with its cross-slice term on the teacher's own intensity
     features, the context scorer fitted on half of the studies halves the KL on the other half
     (on the descriptors z it cannot: every head fitted there ends above its start on new studies).
-    The head must be given the teacher's k and num_picks (MedVLM passes model.vote_mi): with
-    VoteMIConfig's defaults instead, the KL on the unseen half rises to 3x its start."""
+    The data-side slice_context must use the teacher's k and num_picks (study_tensors passes
+    model.vote_mi): with VoteMIConfig's defaults instead, the KL on the unseen half rises to 3x."""
     study = frozen["study"]
     assert study is not None and len(set(study)) >= 4
     seen = set(sorted(set(study))[: len(set(study)) // 2])
     fit = torch.tensor([s in seen for s in study])
     sub = lambda x, rows: x[rows] if torch.is_tensor(x) else x
-    split = {name: {k: sub(v, rows) for k, v in frozen["inputs"].items()} | {"slices": frozen["slices"][rows]}
+    inputs = frozen["inputs"]
+    context = slice_context(frozen["slices"], inputs["slice_plane"], frozen["vote_mi"], inputs["mask"])
+    split = {name: {k: sub(v, rows) for k, v in inputs.items()} | {"slice_context": context[rows]}
              for name, rows in (("fit", fit), ("new", ~fit))}
     torch.manual_seed(0)
-    head = TGIS(TGISConfig(scorer="context", context_features="intensity"), frozen["dim"], frozen["text_dim"],
-                vote_mi=frozen["vote_mi"])  # the teacher's k and num_picks, as MedVLM passes them
+    head = TGIS(TGISConfig(scorer="context", context_features="intensity"), frozen["dim"], frozen["text_dim"])
     opt = torch.optim.Adam(head.parameters(), lr=1e-2)
 
     def kl(name: str) -> torch.Tensor:
@@ -171,9 +174,11 @@ def test_intensity_context_follows_the_teacher_on_unseen_studies(frozen) -> None
         assert float(kl("new")) <= 0.5 * start
 
 
-def test_intensity_context_needs_the_slices() -> None:
+def test_intensity_context_needs_the_data_side_slice_context() -> None:
     head = TGIS(TGISConfig(scorer="context", context_features="intensity"), 8, 6)
-    assert head.scorer.reads_slices and not TGIS(TGISConfig(scorer="context"), 8, 6).scorer.reads_slices
+    assert head.scorer.reads_context and not TGIS(TGISConfig(scorer="context"), 8, 6).scorer.reads_context
     z, t, mask = _scorer_inputs()
-    with pytest.raises(ValueError, match="needs the slices"):
+    with pytest.raises(DataError, match="slice_context.*study_tensors"):
         head.scorer(z, t, mask)
+    with pytest.raises(DataError, match="slice_context must be"):
+        head.scorer(z, t, mask, torch.zeros(*mask.shape, 3))
