@@ -94,6 +94,7 @@ class DataConfig:
     skip_bad_records: bool = False
     max_text_len: int = 256
     num_workers: int = 0
+    pin_memory: bool = True  # page-locked batches for a faster host -> GPU copy (only when a CUDA device is present)
 
     def __post_init__(self) -> None:
         check_choice("data.task", self.task, ("", "report", "vqa", "vqa_closed", "vqa_open"))

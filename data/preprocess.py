@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,12 +57,13 @@ class Summary:
     failed: int = 0  # studies recorded as errors by this process
     bytes_written: int = 0
     seconds: float = 0.0
+    peak_rss_mib: float = 0.0  # this process's peak resident memory (ru_maxrss)
     errors: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         return (f"{self.studies} studies in {self.shards} shards: done {self.done}, skipped (already there) "
                 f"{self.skipped}, failed {self.failed}, {self.bytes_written / 1e9:.3f} GB written "
-                f"in {self.seconds:.1f} s")
+                f"in {self.seconds:.1f} s, peak RSS {self.peak_rss_mib:.0f} MiB")
 
 
 def list_studies(source: str | os.PathLike[str], data_cfg: Any, on_error: str = "skip") -> list[StudyRef]:
@@ -163,4 +165,5 @@ def run_preprocess(source: str | os.PathLike[str], cfg: Any, out: str | os.PathL
     if rank == 0:
         merge_index(root, n_shards, s, shard_size)
     summary.seconds = time.perf_counter() - t0
+    summary.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return summary
