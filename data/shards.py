@@ -116,9 +116,12 @@ def merge_index(root: str | os.PathLike[str], n_shards: int, s: dict[str, Any], 
 def check_settings(stored: dict[str, Any], wanted: dict[str, Any], where: str) -> None:
     """ConfigError naming every key whose value differs between a cache and the run. The
     selection keys (`model.*`) are compared only when both sides have them: a cache without a
-    stored selection, or a run without one, selects as it loads."""
+    stored selection, or a run without one, selects as it loads; a run with the teacher off
+    takes a cache made with any teacher mode."""
     both_select = any(k.startswith("model.") for k in stored) and any(k.startswith("model.") for k in wanted)
     keys = sorted(k for k in set(stored) | set(wanted) if both_select or not k.startswith("model."))
+    if wanted.get("model.vote_mi.teacher") == "off":  # the run reads no teacher; the picks do not depend on it
+        keys.remove("model.vote_mi.teacher")
     diff = [f"{k}: cache {stored.get(k, '<absent>')!r} vs run {wanted.get(k, '<absent>')!r}"
             for k in keys if stored.get(k, "<absent>") != wanted.get(k, "<absent>")]
     if diff:

@@ -79,6 +79,10 @@ def test_other_settings_are_refused_naming_keys(phantoms, tiny_cfg, tmp_path) ->
         dataset(tiny_cfg("data.size=[8,16,24]", "data.slice_size=[16,16]", "model.vote_mi.num_picks=2",
                          f"data.preprocessed={tmp_path / 'pp'}"), [])
     assert "data.slice_size" not in str(e.value) and "[8, 16, 24]" in str(e.value)
+    ok = dataset(tiny_cfg(*SIZES, 'model.vote_mi.teacher="off"', f"data.preprocessed={tmp_path / 'pp'}"), [])
+    assert ok.shards.has_selection  # a run without the teacher reads a cache made with one
+    with pytest.raises(ConfigError, match="teacher: cache 'picks' vs run 'votes'"):
+        dataset(tiny_cfg(*SIZES, "model.vote_mi.teacher=votes", f"data.preprocessed={tmp_path / 'pp'}"), [])
     with pytest.raises(ConfigError, match="no index.json"):
         dataset(tiny_cfg(*SIZES, f"data.preprocessed={tmp_path / 'nothing'}"), [])
 
