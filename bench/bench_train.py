@@ -3,12 +3,18 @@
     python bench/bench_train.py                          # 40 timed steps (+3 warm-up) per case run
     python bench/bench_train.py --steps 10 --skip-multi  # quick: no accelerate-launched runs
     python bench/bench_train.py --out runs/bench_train --set data.num_workers=1
+    python bench/bench_train.py --preprocessed          # read `medvlm3d preprocess` shards (data.preprocessed)
 
 Config: `load_config("demo", ..., layers=["stage2_finetune"])` plus the demo's own stage-2 settings
 (`train.demo.STAGE_SETTINGS`: batch 32 per process, encoders frozen, the LLM trained in full; from
 scratch), on phantom studies generated into a temp folder (`--out` keeps it), with `data.cache_dir`
 set and filled before timing, so the timed steps read cached volumes as every epoch after a real
-run's first does (the cold load per study is printed too). Each case runs in its own child process:
+run's first does (the cold load per study is printed too). With `--preprocessed` the studies are
+first written into shards by `run_preprocess` (data/preprocess.py, Vote-MI teacher and picks stored)
+and every case reads them (`data.preprocessed`): no decode, no resample, no Vote-MI in the loader.
+The demo's stage 2 runs one DataLoader worker (`data.num_workers=1`, train/demo.py); its workers
+start again each epoch (7 steps of batch 32 here), which the data wait includes. Each case runs in
+its own child process:
 
   in-script cases (1 process): the recipe's own builders and
   `Loop.step` (forward + backward + clip + optimizer step), with the micro-batch iterator
@@ -74,6 +80,22 @@ class TimedIterator:
             self.wait += time.perf_counter() - t0
 
 
+class TimedCall:
+    """Wraps the data-side selector: counts its calls and seconds (a class, so that the dataset
+    holding it can be pickled into DataLoader workers; calls made there are not seen here)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn, self.calls, self.s = fn, 0, 0.0
+
+    def __call__(self, *a: Any, **k: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return self.fn(*a, **k)
+        finally:
+            self.s += time.perf_counter() - t0
+            self.calls += 1
+
+
 def make_phantoms(root: Path, n_train: int) -> tuple[Path, Path]:
     """Phantom train manifest (seed 0) and a tokenizer trained on its corpus: the demo's own
     `make_data` (with a one-study test split, unused here)."""
@@ -137,6 +159,11 @@ def measure_in_process(overrides: list[str], warmup: int, steps: int, threads: i
     from medvlm3d.train.recipe import build_stage_model, make_accelerator, param_groups, teardown
 
     logging.basicConfig(level=logging.WARNING)
+    # This child was started with "spawn", which makes spawn its default start method too: its
+    # DataLoader workers would then start a new interpreter each epoch (importing torch, MONAI,
+    # transformers again: seconds per 7-step epoch, most of the 51-78 % "data wait" measured with
+    # the demo's data.num_workers=1). `medvlm3d train` forks its workers (the Linux default): so here.
+    mp.set_start_method("fork", force=True)
     torch.set_num_threads(threads)
     cfg = load_config(CONFIG, [*overrides, f"train.max_steps={warmup + steps}"], layers=[STAGE])
     t = cfg.train
@@ -144,22 +171,11 @@ def measure_in_process(overrides: list[str], warmup: int, steps: int, threads: i
     try:
         set_seed(t.seed)
         module, vlm = build_stage_model(cfg)
-        teacher = {"calls": 0, "s": 0.0}
-
-        def timed(fn: Any) -> Any:
-            def wrapper(*a: Any, **k: Any) -> Any:
-                t0 = time.perf_counter()
-                try:
-                    return fn(*a, **k)
-                finally:
-                    teacher["s"] += time.perf_counter() - t0
-                    teacher["calls"] += 1
-            return wrapper
-
         dataset, collate = build_train_data(cfg, vlm.tokenizer, vlm.num_visual_tokens)
         plan = getattr(dataset, "selection", None)  # the teacher runs on the data side (data/select/);
-        if plan is not None and plan.select is not None:  # seen here only without DataLoader workers
-            plan.select = timed(plan.select)
+        teacher = TimedCall(plan.select if plan is not None else None)  # seen here only without workers
+        if plan is not None and plan.select is not None:
+            plan.select = teacher
         prefill_s = prefill_feature_cache(vlm, dataset, collate, t) if t.feature_cache_mb > 0 else 0.0
         loader, sampler = make_loader(dataset, collate, cfg)
         optimizer = torch.optim.AdamW(param_groups(module, vlm, cfg), lr=t.lr)
@@ -172,7 +188,7 @@ def measure_in_process(overrides: list[str], warmup: int, steps: int, threads: i
         step_s, wait_s = [], []
         for i in range(warmup + steps):
             if i == warmup:
-                teacher["calls"], teacher["s"] = 0, 0.0
+                teacher.calls, teacher.s = 0, 0.0
             t0, w0 = time.perf_counter(), batches.wait
             loop.step(batches, stop)
             loop.progress.step += 1
@@ -182,7 +198,7 @@ def measure_in_process(overrides: list[str], warmup: int, steps: int, threads: i
         median = statistics.median(step_s)
         queue.put({"sps": t.batch_size * t.grad_accum / median, "step_s": median,
                    "data": sum(wait_s) / sum(step_s), "compute": 1 - sum(wait_s) / sum(step_s),
-                   "teacher_calls": teacher["calls"] / steps, "teacher_ms": 1e3 * teacher["s"] / steps,
+                   "teacher_calls": teacher.calls / steps, "teacher_ms": 1e3 * teacher.s / steps,
                    "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": threads,
                    "prefill_s": prefill_s})
     finally:
@@ -252,6 +268,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="round-robin rounds of the in-script cases, best kept")
     ap.add_argument("--out", default="", help="keep data, cache and runs in this folder (default: a temp folder)")
     ap.add_argument("--skip-multi", action="store_true", help="skip the accelerate-launched 1- vs 2-process runs")
+    ap.add_argument("--preprocessed", action="store_true",
+                    help="preprocess the studies into shards first and read them (data.preprocessed)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides for every case")
     args = ap.parse_args()
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
@@ -270,6 +288,12 @@ def main() -> None:
                 f"train.output_dir={root / 'runs' / 'in_process'}", *demo_stage2, "train.feature_cache_mb=0",
                 *args.set]
         n_studies, cold, batch = fill_cache(base)
+        if args.preprocessed:
+            from medvlm3d.config import load_config
+            from medvlm3d.data.preprocess import run_preprocess
+
+            run_preprocess(manifest, load_config(CONFIG, base, layers=[STAGE]), root / "shards", shard_size=16)
+            base.append(f"data.preprocessed={root / 'shards'}")
         cases = {"distill on (0.5)": [],  # "off" quoted below: YAML reads a bare off as False
                  "distill 0 (teacher kept)": ["train.distill_weight=0"],
                  "distill 0 + teacher off": ["train.distill_weight=0", 'model.vote_mi.teacher="off"'],
@@ -288,7 +312,8 @@ def main() -> None:
 
     print(f"{CONFIG} + {STAGE}, batch {batch}/process, {args.steps} timed steps after {args.warmup} warm-up "
           f"(in-script: best of {args.rounds} rounds), "
-          f"{args.n_train} studies ({n_studies} cached; cold load {1e3 * cold:.0f} ms/study), "
+          f"{args.n_train} studies ({n_studies} cached; cold load {1e3 * cold:.0f} ms/study"
+          f"{'; read from preprocess shards' if args.preprocessed else ''}), "
           f"{os.cpu_count()} cores, 1-min load avg {load_before:.1f} at start / {os.getloadavg()[0]:.1f} at end")
     print(f"{'case':<26}{'P':>3}{'thr':>4}{'samples/s':>10}{'step s':>9}{'data %':>8}{'compute%':>9}"
           f"{'teach/st':>9}{'teacher ms':>11}{'RSS MiB':>10}")

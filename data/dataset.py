@@ -14,7 +14,9 @@
 The image tensors come from `data/select/step.py: study_tensors` (pre-selection, teacher and
 picks on the data side); with pre-selection S is `model.preselect_k`.
 
-Volumes come from `medvlm3d.data.volume.load_study` with the record's CT rescale slope and
+With `data.preprocessed`, studies come from that `medvlm3d preprocess` folder instead
+(data/shards.py), with the selection stored there. Otherwise volumes come from
+`medvlm3d.data.volume.load_study` with the record's CT rescale slope and
 intercept when its `meta` carries them. The sequence limit is `data_cfg.max_text_len` text
 tokens plus `n_img * num_image_tokens` image tokens.
 
@@ -110,6 +112,9 @@ class DataConfig:
     text_context: str = "none"
     text_packing: bool = True  # stage0_text: pack samples into rows instead of padding (train/data.py)
     cache_dir: str = ""
+    # a `medvlm3d preprocess` folder: studies are read from its shards (memory-mapped; no decode,
+    # no resample; the stored Vote-MI selection reused), refused if made with other settings
+    preprocessed: str = ""
     max_voxels: int = 1024 * 1024 * 1024
     oversize: str = "downsample"  # downsample | refuse
     max_load_bytes: int = 2 * 1024**3  # peak memory of one volume load, from its header (data/guard.py); <= 0: off
@@ -117,6 +122,7 @@ class DataConfig:
     skip_bad_records: bool = False
     max_text_len: int = 256
     num_workers: int = 0
+    pin_memory: bool = True  # page-locked batches for a faster host -> GPU copy (only when a CUDA device is present)
 
     def __post_init__(self) -> None:
         check_choice("data.task", self.task, ("", "report", "vqa", "vqa_closed", "vqa_open"))
@@ -221,6 +227,12 @@ class StudyDataset(PerSampleDraws, Dataset):
         self.selection = selection
         self.bad: list[tuple[str, str]] | None = None  # set by validate()
         self._bad_index: list[int] = []
+        self.shards = None
+        if data_cfg.preprocessed:  # opened (and its settings checked) now: a mismatch fails early
+            from .shards import ShardCache, settings
+
+            self.shards = ShardCache(data_cfg.preprocessed,
+                                     settings(data_cfg, selection.settings if selection is not None else None))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -265,6 +277,22 @@ class StudyDataset(PerSampleDraws, Dataset):
         except Exception as e:  # wrap any loader error so that it names the record
             raise DataError(f"record {rid!r}: cannot load {rec['image']!r}: {e}") from e
 
+    def _from_shards(self, rec: dict[str, Any], rid: str,
+                     aug_seed: int | None = None) -> tuple[Any, dict[str, torch.Tensor] | None]:
+        """(Study, stored selection or None) of the record's study from `data.preprocessed`;
+        augmentation (training) runs here, on the stored study, and then the selection is redone."""
+        from .shards import study_key
+        from .volume import Study, augment_study
+
+        if not rec.get("image"):
+            raise DataError(f"record {rid!r}: 'image' is missing or empty")
+        t, chosen = self.shards.get(study_key(rec["image"], _rescale(rec, rid)), f"record {rid!r}")
+        study = Study(t["volume"], t["slices"], t["slice_plane"], t["slice_index"], t["slice_pos"],
+                      [int(x) for x in t["native_depth"].tolist()])
+        if self.train and self.cfg.augment:
+            return augment_study(study, self.cfg, aug_seed), None
+        return study, (chosen if self.selection is not None and self.shards.has_selection else None)
+
     def _selection_cache(self, rec: dict[str, Any], i: int, slice_target: torch.Tensor) -> Path | None:
         """Where the study's slice selection is cached: beside its preprocessed volume (only with
         data.cache_dir, and never for augmented training items, whose slices change each draw)."""
@@ -287,7 +315,8 @@ class StudyDataset(PerSampleDraws, Dataset):
             rec = shuffle_choices(rec, gen)
         question, target = format_record(rec, self._task(rec))
         aug_seed = None if gen is None else int(torch.randint(0, 2**31 - 1, (), generator=gen))
-        study = self._load(rec, rid, aug_seed)
+        study, chosen = (self._from_shards(rec, rid, aug_seed) if self.shards is not None
+                         else (self._load(rec, rid, aug_seed), None))
         n_img = int(study.volume.shape[0])
         enc = encode_example(
             self.tokenizer,
@@ -302,8 +331,8 @@ class StudyDataset(PerSampleDraws, Dataset):
         slice_target, has_target = slice_targets(
             rec.get("slice_labels"), study.slice_plane, study.slice_pos, study.native_depth, rid
         )
-        images = study_tensors(study, self.selection, index=i, slice_target=slice_target,
-                               cache=self._selection_cache(rec, i, slice_target))
+        images = study_tensors(study, self.selection, index=i, slice_target=slice_target, chosen=chosen,
+                               cache=None if chosen is not None else self._selection_cache(rec, i, slice_target))
         return {
             "id": rid,
             **images,

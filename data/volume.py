@@ -5,6 +5,7 @@
     slice_views(volume [1, D, H, W], slice_size=(h, w), planes=("axial",), num_slices=0)
         -> slices [S, 1, h, w], plane [S] long, index [S] long, pos [S] float
     load_study(path | [paths], cfg, train=False, rescale=None) -> Study
+    augment_study(study, cfg) -> Study           the training augmentation alone (after any cache)
         volume [n_img, 1, D, H, W]; slices [n_img, S, 1, h, w]; slice_plane / slice_index /
         slice_pos [n_img, S]; native_depth list[int] (axial count of the RAS volume as stored)
     build_transforms(cfg, train=False) -> monai Compose (defined in data/transforms.py)
@@ -379,9 +380,13 @@ def load_study(
         study = _assemble(dicts, cfg, native)
         if cache is not None:
             _cache_write(cache, study)
-    if train and cfg.augment:
-        aug = Compose(augment_transforms())
-        seed = int(torch.randint(0, 2**31 - 1, ()).item()) if aug_seed is None else int(aug_seed)
-        aug.set_random_state(seed=seed)
-        study = _assemble([aug(d) for d in _to_dicts(study, cfg)], cfg, study.native_depth)
-    return study
+    return augment_study(study, cfg, aug_seed) if train and cfg.augment else study
+
+
+def augment_study(study: Study, cfg: DataConfig, aug_seed: int | None = None) -> Study:
+    """The training augmentation of a preprocessed Study (module docstring), seeded by `aug_seed`
+    (the dataset's per-sample draw, so a resumed run repeats it), else from torch's RNG."""
+    aug = Compose(augment_transforms())
+    seed = int(torch.randint(0, 2**31 - 1, ()).item()) if aug_seed is None else int(aug_seed)
+    aug.set_random_state(seed=seed)
+    return _assemble([aug(d) for d in _to_dicts(study, cfg)], cfg, study.native_depth)

@@ -88,6 +88,7 @@ class MedVLM(nn.Module):
         tokenizer: Any,
         llm: nn.Module | None = None,
         load_external_weights: bool = True,
+        text_encoder: nn.Module | None = None,
     ) -> None:
         super().__init__()
         mc = cfg.model
@@ -127,8 +128,8 @@ class MedVLM(nn.Module):
             self.projector2d = Projector2D(mc.projector, self.slice_encoder.out_dim, width, out_scale=embed_rms)
         if self.variant in ("2e3", "2e3_interslice"):
             text_dim = width
-            if mc.tgis.text_source == "hf":
-                self.text_encoder = TextEncoder(mc.tgis.text_encoder, out_pooling=mc.tgis.text_pooling)
+            if mc.tgis.text_source == "hf":  # `text_encoder`: a given tower (meta-device sizing)
+                self.text_encoder = text_encoder or TextEncoder(mc.tgis.text_encoder, out_pooling=mc.tgis.text_pooling)
                 text_dim = self.text_encoder.out_dim
             self.tgis = TGIS(mc.tgis, width, text_dim)
         apply_trainable_policy(self.components(), mc.trainable)

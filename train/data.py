@@ -9,6 +9,7 @@
     build_train_data(cfg, tokenizer, num_visual_tokens) -> (dataset, collate_fn)   the stage's own (train/stages/)
     study_data(cfg, records, tokenizer, num_visual_tokens) -> (StudyDataset, Collator)
     make_loader(dataset, collate_fn, cfg, processes=1) -> (DataLoader, EpochSampler)
+        data.num_workers worker processes; pinned batches (data.pin_memory) when CUDA is present
     set_sample_draws(loader, seed, epoch)       seeds the dataset's per-sample draws for an epoch
 
 Stages: `stage0_text` reads each record as plain LM text (the question and its target rendered by
@@ -297,7 +298,8 @@ def make_loader(dataset: Dataset, collate_fn: Callable, cfg: RunConfig,
         collate_fn=collate_fn,
         drop_last=True,
         num_workers=workers,
-        persistent_workers=False,
+        pin_memory=bool(cfg.data.pin_memory) and torch.cuda.is_available(),
+        persistent_workers=False,  # per-epoch worker seeds (shuffle_choices, augment): see the module docstring
         generator=torch.Generator().manual_seed(epoch_seed(cfg.train.seed, 0)),
     )
     return loader, sampler

@@ -139,8 +139,25 @@ def build_meta_model(cfg: RunConfig, vocab: int = DEFAULT_VOCAB) -> tuple[nn.Mod
                                                                            f"vocab {len(tok)}")
         else:
             source = f"LM built from model.llm fields ({cfg.model.llm.arch}); {source}"
-        model = MedVLM(cfg, tok, llm=llm, load_external_weights=False)
+        tower = None
+        if cfg.model.tgis.text_source == "hf" and not cfg.model.tgis.text_encoder:
+            tower = _BertBaseTower()
+            source += "; TG-IS text tower not given (tgis.text_encoder): sized as BERT-base (M3D-CLIP's), frozen"
+        model = MedVLM(cfg, tok, llm=llm, load_external_weights=False, text_encoder=tower)
     return model, source
+
+
+class _BertBaseTower(nn.Module):
+    """BERT-base (bert-base-uncased's config, the text tower of M3D-CLIP that Med-2E3's TG-IS reads),
+    frozen: the stand-in `estimate` sizes when `tgis.text_encoder` is not set (built on meta)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        self.encoder = BertModel(BertConfig())
+        self.out_dim = int(self.encoder.config.hidden_size)
+        self.requires_grad_(False)
 
 # --------------------------------------------------------------------------------------------
 # the estimate

@@ -13,7 +13,9 @@
 `index` is the sample's position in its dataset: what a seeded selector (random) seeds from,
 so that a sample gets the same picks in every epoch and worker, whatever the global RNG does.
 Registering one: a file in data/select/ with `@SELECTORS.register("name")` on a class taking
-(cfg, num_picks); the package imports every module of the folder.
+(cfg, num_picks); the package imports every module of the folder. A class attribute
+`slices_only = True` says its output depends on the slices alone (not on `index` or
+`slice_target`), so `medvlm3d preprocess` may compute it once and store it in the shards.
 """
 
 from __future__ import annotations

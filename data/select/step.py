@@ -52,6 +52,7 @@ class SelectionPlan:
     preselect_k: int = 0
     context: VoteMIConfig | None = None  # emit slice_context (vote-k's k / num_picks from here)
     key: str = ""  # what the picks depend on (from_config); "" = never cached
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # flat config keys the picks depend on
 
     @classmethod
     def from_config(cls, model_cfg: Any, teacher: bool = False) -> SelectionPlan:
@@ -62,6 +63,9 @@ class SelectionPlan:
         want_keep = model_cfg.variant == "2d_only"
         k = int(getattr(model_cfg, "preselect_k", 0))
         want_context = needs_slice_context(model_cfg)
+        settings = {f"model.vote_mi.{name}": list(v) if isinstance(v, tuple) else v
+                    for name, v in dataclasses.asdict(vm).items()}
+        settings |= {"model.preselector": model_cfg.preselector, "model.preselect_k": k}
         return cls(
             preselect=build_selector(model_cfg.preselector, vm, k) if k > 0 else None,
             select=build_selector(vm.selector, vm, vm.num_picks) if (want_teacher or want_keep) else None,
@@ -71,7 +75,21 @@ class SelectionPlan:
             context=vm if want_context else None,
             key=json.dumps([dataclasses.asdict(vm), model_cfg.preselector, k, want_teacher, want_keep]
                            + [want_context] * want_context, sort_keys=True),
+            settings=settings,
         )
+
+    @classmethod
+    def for_cache(cls, model_cfg: Any) -> SelectionPlan | None:
+        """The plan `medvlm3d preprocess` stores: pre-selection, the teacher (unless
+        vote_mi.teacher is off) and the picks, whatever a later run asks of them (it keeps what it
+        needs, `stored_choice`). None when a selector reads more than the slices (the sample index
+        or its labels: `random`, `labels`): then each run selects as it loads."""
+        vm = model_cfg.vote_mi
+        plan = cls.from_config(model_cfg, teacher=True)
+        plan.select = build_selector(vm.selector, vm, vm.num_picks)
+        plan.keep = True
+        steps = [s for s in (plan.preselect, plan.select) if s is not None]
+        return plan if all(getattr(s, "slices_only", False) for s in steps) else None
 
 
 def series_ids(n_img: int, n_slices: int) -> torch.Tensor:
@@ -93,11 +111,12 @@ def _gather(tensors: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, t
 
 def study_tensors(
     study: Any, plan: SelectionPlan | None = None, index: int = 0, slice_target: torch.Tensor | None = None,
-    cache: Path | None = None,
+    cache: Path | None = None, chosen: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """See the module docstring. `index`: the sample's dataset index (seeds a random selector).
     `cache`: a file holding this study's selection (the dataset names it beside the preprocessed
-    volume's cache file): read when present, else written after selecting."""
+    volume's cache file): read when present, else written after selecting. `chosen`: the
+    selection stored by `preprocess` (`SelectionPlan.for_cache`), used instead of selecting."""
     out: dict[str, torch.Tensor] = {
         "volume": study.volume,
         "slices": study.slices,
@@ -110,17 +129,29 @@ def study_tensors(
         out["slice_target"] = slice_target
     if plan is None:
         return out
-    chosen = _read(cache) if cache is not None else None
+    if chosen is not None:
+        chosen = stored_choice(chosen, plan)
+    elif cache is not None:
+        chosen = _read(cache)
     if chosen is None:
-        chosen = _choose(out, plan, index)
+        chosen = choose(out, plan, index)
         if cache is not None:
             _write(cache, chosen)
     if "preselect" in chosen:
         out = _gather(out, chosen["preselect"])
+    if plan.context is not None and "slice_context" not in chosen:  # a selection stored without it
+        chosen = chosen | {"slice_context": slice_context(out["slices"], out["slice_plane"], plan.context)}
     return out | {k: v for k, v in chosen.items() if k != "preselect"}
 
 
-def _choose(out: dict[str, torch.Tensor], plan: SelectionPlan, index: int) -> dict[str, torch.Tensor]:
+def stored_choice(chosen: dict[str, torch.Tensor], plan: SelectionPlan) -> dict[str, torch.Tensor]:
+    """What `plan` uses of a selection stored with `SelectionPlan.for_cache`'s plan."""
+    wanted = {"preselect", *(["teacher"] if plan.teacher else []), *(["slice_keep"] if plan.keep else []),
+              *(["slice_context"] if plan.context is not None else [])}
+    return {k: v for k, v in chosen.items() if k in wanted}
+
+
+def choose(out: dict[str, torch.Tensor], plan: SelectionPlan, index: int) -> dict[str, torch.Tensor]:
     """{"preselect": [n_img, k] (when it cuts), "teacher", "slice_keep", "slice_context"}: what the
     plan picks and computes."""
     chosen: dict[str, torch.Tensor] = {}

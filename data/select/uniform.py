@@ -12,6 +12,8 @@ from .base import SELECTORS, SimpleSelector, SliceSelection, per_plane_keep, rea
 
 @SELECTORS.register("uniform")
 class UniformSelector(SimpleSelector):
+    slices_only = True  # a function of the slices alone: `preprocess` may store its output
+
     def __call__(self, slices: torch.Tensor, plane: torch.Tensor, mask: torch.Tensor | None = None,
                  index: int = 0, slice_target: torch.Tensor | None = None) -> SliceSelection:
         m = real_mask(plane, mask)

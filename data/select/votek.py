@@ -291,6 +291,8 @@ class VoteKSelector:
     """The `votek` selector: Vote-MI on intensity features, each plane voting among its own
     slices; teacher per `cfg.teacher`, keep = each plane's share of vote-k picks."""
 
+    slices_only = True  # a function of the slices alone: `preprocess` may store its output
+
     def __init__(self, cfg: VoteMIConfig, num_picks: int) -> None:
         self.cfg, self.num_picks = cfg, int(num_picks)
         self.vote_mi = VoteMI(cfg)

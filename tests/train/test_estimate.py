@@ -140,3 +140,18 @@ def test_api_bad_arguments(tiny) -> None:
         estimate_memory(tiny, dtype="fp16")
     with pytest.raises(ValueError, match="RunConfig"):
         estimate_memory({"model": {}})
+
+
+def test_med2e3_as_shipped_sizes_its_bert_tower(capsys) -> None:
+    """`medvlm3d estimate --config med2e3` (the README's command) runs with the text tower's folder
+    unset: the tower is sized as BERT-base, frozen, and the output says so."""
+    from medvlm3d.train.estimate import build_meta_model
+
+    cfg = load_config("med2e3", layers=["stage2_finetune"])
+    assert cfg.model.tgis.text_source == "hf" and not cfg.model.tgis.text_encoder
+    model, source = build_meta_model(cfg)
+    tower = sum(p.numel() for p in model.text_encoder.parameters())
+    assert 109_000_000 < tower < 110_000_000 and not any(p.requires_grad for p in model.text_encoder.parameters())
+    assert "BERT-base" in source
+    assert main(["estimate", "--config", "med2e3", "--gpus", "8", "--zero", "3", "--batch", "2"]) == 0
+    assert "total" in capsys.readouterr().out
