@@ -133,3 +133,24 @@ def test_generate_computes_slice_context_on_the_data_side(tiny_cfg, phantom_reco
     with torch.no_grad():
         out = model(generation_batch(model, [sample], [sample["question"]]))
     torch.testing.assert_close(gen.scores, out.scores[0])
+
+
+def test_preprocessed_shards_give_the_same_slice_context(phantom_records: list[dict], tiny_cfg, tmp_path) -> None:
+    """From `medvlm3d preprocess` shards (the stored selection; slice_context recomputed on load
+    when the shard reader does not hand it back) the samples carry the raw path's slice_context."""
+    from medvlm3d.data.preprocess import run_preprocess
+    from medvlm3d.data.readers import read_records
+    from medvlm3d.data.synthetic import make_dataset
+    from medvlm3d.model.llm import load_tokenizer
+
+    phantoms = make_dataset(tmp_path / "ph", 2, seed=3, shape=(12, 24, 24))
+    extra = (*CONTEXT, "data.size=[8,16,16]", "data.slice_size=[16,16]", "model.preselect_k=5")
+    run_preprocess(phantoms, tiny_cfg(*extra), tmp_path / "pp", shard_size=2)
+    records = read_records(phantoms)[:2]
+    tok = load_tokenizer(tiny_cfg().model.llm)
+    raw, cached = ([StudyDataset(records, c.data, tok, 2, selection=SelectionPlan.from_config(c.model, True))[i]
+                    for i in range(2)]
+                   for c in (tiny_cfg(*extra), tiny_cfg(*extra, f"data.preprocessed={tmp_path / 'pp'}")))
+    for a, b in zip(raw, cached):
+        assert a["slice_context"].shape[1] == 5
+        torch.testing.assert_close(b["slice_context"], a["slice_context"], atol=1e-6, rtol=0)
