@@ -1,7 +1,8 @@
 """TG-IS slice scorers (registry `SCORERS`, built as SCORERS.build(name, cfg, dim)):
-(z [B, S, D], t [B, D], mask [B, S] bool, context [B, S, F] | None) -> logits [B, S] float32,
-where z are the slice descriptors, t = text_proj(question) (model/tgis.py) and context the
-batch's data-side per-slice features (`Batch.slice_context`, data/select/context.py).
+(z [B, S, D], t [B, D], mask [B, S] bool[, context [B, S, F]]) -> logits [B, S] float32, where
+z are the slice descriptors, t = text_proj(question) (model/tgis.py) and context the batch's
+data-side per-slice features (`Batch.slice_context`, data/select/context.py), passed only when
+the batch carries them (the data side computes them only for a scorer that reads them).
 
     med2e3    Med-2E3's head, z_j . t / tau (no parameters; ignores context)
     context   text term on the volume-normalised z + a question-gated cross-slice term

@@ -16,10 +16,10 @@ lie (a score-weighted sum of tokens otherwise forgets it). P starts at zero, so 
 scores and fuses exactly as one without it.
 
 The logits come from the slice scorer named by `cfg.scorer` (registry `SCORERS`; a scorer maps
-z [B, S, D], t [B, D], mask [B, S], context [B, S, F] | None -> logits [B, S] float32): "med2e3"
-(default) is the formula above; "context" adds a gated cross-slice term that can follow the
-Vote-MI teacher (`ContextScorer`; with `cfg.context_features: intensity` it reads `context`, the
-batch's data-side `slice_context`; model/slice_scorers.py, docs/distillation.md).
+z [B, S, D], t [B, D], mask [B, S] (and context [B, S, F] when the batch carries one) -> logits
+[B, S] float32): "med2e3" (default) is the formula above; "context" adds a gated cross-slice term
+that can follow the Vote-MI teacher (`ContextScorer`; with `cfg.context_features: intensity` it
+reads `context`, the batch's data-side `slice_context`; model/slice_scorers.py, distillation.md).
 
 With `cfg.top_k > 0` only the k highest-scoring real slices keep mass (a softmax renormalised
 over those); the others are exactly 0, and gradients still flow through the kept logits.
@@ -253,7 +253,8 @@ class TGIS(nn.Module):
             v = v + pe.unsqueeze(2).to(v.dtype)
         z = slice_descriptors(x3d, grid, v, slice_pos, plane)  # [B, S, D]
         t = self.text_proj(text.to(self.text_proj.weight.dtype))  # [B, D]
-        logits = self.scorer(z, t, mask, slice_context)  # [B, S] float32
+        context = () if slice_context is None else (slice_context,)  # a (z, t, mask) scorer still fits
+        logits = self.scorer(z, t, mask, *context)  # [B, S] float32
         keep = mask if self.top_k == 0 else topk_mask(logits, mask, self.top_k)
         scores = masked_softmax(logits, keep)
         fused = scores if self.score_dropout is None else self.score_dropout(scores)
