@@ -41,7 +41,7 @@ from .transforms import PREPROCESS_FIELDS
 SHARD_VERSION = 1
 INDEX = "index.json"
 STUDY_FIELDS = ("volume", "slices", "slice_plane", "slice_index", "slice_pos", "native_depth")
-CHOSEN_FIELDS = ("preselect", "teacher", "slice_keep")
+CHOSEN_FIELDS = ("preselect", "teacher", "slice_keep", "slice_context")
 
 
 def shard_path(root: str | os.PathLike[str], i: int) -> Path:
