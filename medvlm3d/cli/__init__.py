@@ -54,7 +54,8 @@ VERBS: dict[str, str] = {
     "infer": "answer a prompt about one scan; slice scores, Vote-MI picks, --plot/--json",
     "select": "Vote-MI slice selection alone: PNG slices + selection.json for any 2D VLM",
     "export": "write a standalone checkpoint (optionally with the LoRA merged)",
-    "convert": "turn released pickle weights (.bin/.pt, read weights_only) into .safetensors, once",
+    "convert": "turn released pickle weights (.bin/.pt, read weights_only) into .safetensors, once; "
+               "--extract-text-tower: M3D-CLIP's BERT -> an HF folder for TG-IS",
     "estimate": "memory planning: parameters, visual tokens, GPU memory per rank (ZeRO-2/3)",
     "demo": "the embedded default end to end: phantoms, stages 0-2, eval table",
 }
