@@ -120,6 +120,8 @@ def test_every_key_consumed_none_missing(tmp_path, bert, bert_tok):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep")
     assert main(["convert", "--extract-text-tower", str(ckpt), str(tmp_path / "full"), "--num-heads", "2"]) == 2
+    assert [f.name for f in (tmp_path / "full").iterdir()] == ["x"]
+    assert main(["convert", str(ckpt), str(tmp_path / "w.safetensors"), "--num-heads", "2"]) == 2  # needs the flag
 
 
 def test_tokenizer_folder_config_json_supplies_the_heads_and_must_fit(tmp_path, bert, bert_tok):
