@@ -79,7 +79,8 @@ def lora_targets(model: nn.Module, requested: str | Sequence[str]) -> list[str]:
             f"{linear_names(model)} ('auto' chooses {auto_lora_targets(model)})")
     left = sorted(set(auto_lora_targets(model)) - set(names))
     if left:
-        log.info("LoRA on %s; linear layer types without LoRA: %s", names, left)
+        log.warning("llm.lora.target_modules %s matched only some linear layer types of %s; without LoRA: %s "
+                    "(target_modules: auto chooses them all)", names, type(model).__name__, left)
     return names
 
 

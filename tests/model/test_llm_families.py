@@ -93,6 +93,23 @@ def test_a_target_matching_nothing_is_a_config_error(family, names, listed, fold
         lora_targets(model, ("auto", "q_proj"))
 
 
+@pytest.mark.parametrize("family, names, left", [
+    ("llama", ("q_proj", "v_proj"), "gate_proj"),   # attention only: the MLP types are named in the warning
+    ("phi3", ("qkv_proj",), "down_proj"),
+])
+def test_a_target_matching_some_layer_types_warns_with_what_is_left(family, names, left, folders,
+                                                                   tiny_tokenizer_dir, caplog) -> None:
+    model, _ = _llm(folders[family], tiny_tokenizer_dir, attn_implementation="eager")
+    with caplog.at_level(logging.WARNING):
+        assert lora_targets(model, names) == list(names)
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "without LoRA" in r.getMessage()]
+    assert len(warned) == 1 and left in warned[0].getMessage() and str(list(names)) in warned[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        lora_targets(model, auto_lora_targets(model))
+    assert "without LoRA" not in caplog.text
+
+
 @pytest.mark.parametrize("family, scaled", [("gemma", True), ("gemma2", True), ("llama", False), ("gpt2", False)])
 def test_visual_tokens_enter_at_the_scale_the_embedding_module_outputs(family, scaled, folders,
                                                                        tiny_tokenizer_dir) -> None:
