@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from medvlm3d.config import load_config
 from medvlm3d.train import loop as loop_mod
-from medvlm3d.train.checkpointing import latest_complete, read_progress
+from medvlm3d.train.checkpointing import MARKER, latest_complete, read_progress
 from medvlm3d.train.recipe import run_training
 
 from recipe_helpers import PAPER_TINY, history, metrics
@@ -80,6 +83,30 @@ def test_demo_config_resumes_exactly(phantom, tmp_path: Path, monkeypatch, stage
     assert history(run) == history(tmp_path / "full")  # exact, float for float
     assert [r["loss"] for r in metrics(run)] == [r["loss"] for r in metrics(tmp_path / "full")]
     assert [r["step"] for r in metrics(run)] == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_demo_config_resumes_exactly_after_sigkill(phantom, tmp_path: Path) -> None:
+    """A real kill (SIGKILL of `python -m medvlm3d.train --config demo`, one loader worker, the
+    feature cache on), then train.resume=auto: the same losses as the uninterrupted run."""
+    over = [f"model.llm.tokenizer={phantom['tok']}", f"data.train={phantom['ten']}", *DEMO_SMALL,
+            "train.max_steps=8", "train.save_every=3", "train.keep_last=5"]
+    run_training(load_config("demo", [*over, f"train.output_dir={tmp_path / 'full'}"], layers=["stage2_finetune"]))
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "medvlm3d.train", "--config", "demo", "--stage", "stage2_finetune",
+                             *over, f"train.output_dir={run}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    marker, deadline = run / "checkpoints" / "step-000003" / MARKER, time.monotonic() + 300
+    while not marker.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    err = proc.communicate()[1]
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    assert not (run / "final").exists() and 3 <= read_progress(latest_complete(run))["step"] < 8
+    run_training(load_config("demo", [*over, f"train.output_dir={run}", "train.resume=auto"], layers=["stage2_finetune"]))
+    assert history(run) == history(tmp_path / "full")  # exact, float for float
+    assert [r["step"] for r in metrics(run)] == list(range(1, 9))
+    assert [r["loss"] for r in metrics(run)] == [r["loss"] for r in metrics(tmp_path / "full")]
 
 
 @pytest.mark.slow
