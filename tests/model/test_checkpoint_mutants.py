@@ -269,3 +269,36 @@ def test_adapter_on_a_dispatched_llm(saved, monkeypatch, placed: dict, refused: 
     msg = str(info.value)
     assert f"offloads part of the LLM to {refused} (" in msg
     assert msg.endswith("Merge it first (medvlm3d export --merge-lora) or give the LLM enough GPU memory (more GPUs)")
+
+
+# --------------------------------------------------------------------------------------------
+# load_pretrained: the folder check and the LLM dtype
+
+
+def test_weights_missing_beside_a_config_is_not_a_checkpoint(saved, tmp_path: Path) -> None:
+    copy = tmp_path / "ck"
+    shutil.copytree(saved["merged"], copy)
+    (copy / "model.safetensors").unlink()
+    with pytest.raises(DataError, match="not a medvlm3d checkpoint: expected config.yaml and model.safetensors"):
+        medvlm3d.load_pretrained(copy)
+
+
+def test_reduced_precision_on_the_cpu_says_why(tmp_path: Path) -> None:
+    with pytest.raises(ValueError) as info:
+        medvlm3d.load_pretrained(tmp_path, dtype=torch.float16)
+    assert str(info.value).endswith("since some 3D ops (avg_pool3d) have no reduced-precision CPU kernel")
+
+
+def test_llm_dtype_comes_from_the_argument_else_the_config(saved, tmp_path: Path) -> None:
+    copy = tmp_path / "ck"
+    shutil.copytree(saved["merged"], copy)
+    text = (copy / "config.yaml").read_text()
+    assert re.search(r"^    dtype: float32$", text, flags=re.M)
+    (copy / "config.yaml").write_text(re.sub(r"^    dtype: float32$", "    dtype: bfloat16", text, flags=re.M))
+    kept = medvlm3d.load_pretrained(copy)  # dtype=None: the config's
+    assert kept.cfg.model.llm.dtype == "bfloat16" and kept.llm.get_input_embeddings().weight.dtype == torch.bfloat16
+    asked = medvlm3d.load_pretrained(copy, dtype=torch.float32)
+    assert asked.cfg.model.llm.dtype == "float32" and asked.llm.get_input_embeddings().weight.dtype == torch.float32
+    # with a device map the CPU check does not apply: bf16 is passed on to the LLM's loader
+    mapped = medvlm3d.load_pretrained(saved["merged"], dtype=torch.bfloat16, device_map="auto")
+    assert mapped.cfg.model.llm.dtype == "bfloat16" and mapped.llm.get_input_embeddings().weight.dtype == torch.bfloat16
