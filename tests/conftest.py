@@ -43,3 +43,20 @@ def tiny_cfg(tiny_tokenizer_dir: Path) -> Callable[..., RunConfig]:
         return load_config("tiny", [f"model.llm.tokenizer={tiny_tokenizer_dir}", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-layer BERT folder (model + WordPiece tokenizer) standing in for M3D-CLIP's text tower."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    out = tmp_path_factory.mktemp("bert")
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    (out / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters,
+                                              *[f"##{c}" for c in letters]]) + "\n")
+    BertTokenizer(str(out / "vocab.txt")).save_pretrained(out)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=57, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(out)
+    return out

@@ -152,9 +152,9 @@ def test_init_from_merged_takes_its_llm(trained: MedVLM, saved, tiny_cfg, policy
 
 
 def test_init_from_ignores_encoder_weights_named_in_the_config(trained: MedVLM, saved, tiny_cfg, tmp_path: Path) -> None:
-    other = {k: torch.zeros_like(v) for k, v in trained.encoder3d.state_dict().items()}
-    save_file(other, str(tmp_path / "enc.safetensors"))
-    nxt = ckpt.init_from_checkpoint(tiny_cfg(f"model.encoder3d.weights={tmp_path / 'enc.safetensors'}"), saved["merged"])
+    """The checkpoint holds the encoder: a pretrained-weights file the stage config still names
+    (perhaps gone since) is not read."""
+    nxt = ckpt.init_from_checkpoint(tiny_cfg(f"model.encoder3d.weights={tmp_path / 'gone.safetensors'}"), saved["merged"])
     torch.testing.assert_close(nxt.encoder3d.state_dict(), trained.encoder3d.state_dict())
 
 
@@ -180,6 +180,20 @@ def test_init_from_logs_fresh_and_skipped_tensors(saved, tiny_cfg, tmp_path: Pat
         f"init_from {tmp_path / 'richer'}: {len(fresh)} tensors did not fit this config and were skipped "
         f"(e.g. {fresh[:3]})"]
     assert _messages(caplog, logging.INFO) == []
+
+
+def test_init_from_leaves_the_text_encoder_out_of_the_fresh_list(saved, tiny_cfg, tiny_bert: Path, caplog) -> None:
+    """A question encoder (tgis.text_source hf) comes from its own folder, not the checkpoint:
+    it is not reported as starting fresh (its width changes TG-IS's text map, which is)."""
+    caplog.set_level(logging.INFO, logger=ckpt.log.name)
+    nxt = ckpt.init_from_checkpoint(tiny_cfg("model.tgis.text_source=hf", f"model.tgis.text_encoder={tiny_bert}"),
+                                    saved["merged"])
+    assert any(k.startswith("text_encoder.") for k in nxt.state_dict())
+    root = saved["merged"]
+    assert _messages(caplog, logging.INFO) == [
+        f"init_from {root}: 1 tensors start fresh in this stage (e.g. ['tgis.text_proj.weight'])"]
+    assert _messages(caplog, logging.WARNING) == [  # [width, 16] here, [width, width] in the checkpoint
+        f"init_from {root}: 1 tensors did not fit this config and were skipped (e.g. ['tgis.text_proj.weight'])"]
 
 
 # --------------------------------------------------------------------------------------------
