@@ -228,14 +228,28 @@ def test_init_from_an_external_checkpoint(external, tiny_cfg) -> None:
     torch.testing.assert_close(_llm_logits(nxt.llm), _llm_logits(model.llm))
 
 
-def test_no_llm_anywhere_is_one_clear_error(external, tmp_path: Path) -> None:
+@pytest.mark.parametrize("meta", ["empty-path", "no-checkpoint-json"])
+def test_no_llm_anywhere_is_one_clear_error(external, tmp_path: Path, meta: str) -> None:
     _, root = external
     copy = tmp_path / "ck"
     shutil.copytree(root, copy)
-    meta = json.loads((copy / "checkpoint.json").read_text())
-    (copy / "checkpoint.json").write_text(json.dumps({**meta, "external_llm": ""}))
+    if meta == "empty-path":
+        fields = json.loads((copy / "checkpoint.json").read_text())
+        (copy / "checkpoint.json").write_text(json.dumps({**fields, "external_llm": ""}))
+    else:  # folders from before checkpoint.json
+        (copy / "checkpoint.json").unlink()
     with pytest.raises(DataError, match=rf"^{re.escape(str(copy))}: no llm/ folder and no external LLM path in "
                        r"checkpoint\.json$"):
+        medvlm3d.load_pretrained(copy)
+
+
+def test_unloadable_adapter_is_one_clear_error(saved, tmp_path: Path) -> None:
+    copy = tmp_path / "ck"
+    shutil.copytree(saved["adapter"], copy)
+    (copy / "adapter" / "adapter_config.json").unlink()
+    with pytest.raises(DataError, match=rf"^{re.escape(str(copy / 'adapter'))}: cannot load the LoRA adapter "
+                       r"\(\w+: .+\); expected the PEFT folder written by save_pretrained \(adapter_config\.json, "
+                       r"adapter_model\.safetensors\)$"):
         medvlm3d.load_pretrained(copy)
 
 
