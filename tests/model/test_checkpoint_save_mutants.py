@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import medvlm3d
 
 from medvlm3d.config import load_config
+from medvlm3d.data.errors import DataError
 from medvlm3d.model import checkpoint as ckpt
 from medvlm3d.model.checkpoint_checks import read_run_config
 from medvlm3d.model.medvlm import MedVLM, build_model
@@ -79,3 +84,43 @@ def test_question_encoder_is_not_stored(tiny_tokenizer_dir: Path, tiny_bert: Pat
     assert any(k.startswith("text_encoder.") for k in model.state_dict())
     keys = set(ckpt.non_llm_state_dict(model))
     assert keys and not any(k.startswith(("text_encoder.", "llm.")) for k in keys)
+
+
+# --------------------------------------------------------------------------------------------
+# load_pretrained of what was saved
+
+
+def test_load_keeps_the_adapter_trainable_and_ignores_encoder_weight_paths(trained: MedVLM, tmp_path: Path) -> None:
+    root = ckpt.save_pretrained(trained, tmp_path / "ck")
+    cfg = root / "config.yaml"
+    text = cfg.read_text()
+    assert text.count("    weights: ''\n") == 2  # encoder3d and slice_encoder
+    cfg.write_text(text.replace("    weights: ''\n", f"    weights: {tmp_path / 'gone.safetensors'}\n"))
+    loaded = medvlm3d.load_pretrained(root)  # the checkpoint holds the encoders: the paths are not read
+    assert loaded.llm.peft_config["default"].inference_mode is False  # trainable.llm == lora
+    torch.testing.assert_close(loaded.encoder3d.state_dict(), trained.encoder3d.state_dict())
+
+
+def test_wrong_tensors_message_names_model_safetensors(trained: MedVLM, tmp_path: Path) -> None:
+    root = ckpt.save_pretrained(trained, tmp_path / "ck")
+    state = load_file(str(root / "model.safetensors"))
+    state.pop(sorted(state)[0])
+    save_file(state, str(root / "model.safetensors"))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(root / 'model.safetensors'))} does not match its config"):
+        medvlm3d.load_pretrained(root)
+
+
+def test_question_encoder_checkpoint_loads(tiny_tokenizer_dir: Path, tiny_bert: Path, tmp_path: Path) -> None:
+    model = build_model(load_config("tiny", [f"model.llm.tokenizer={tiny_tokenizer_dir}", "model.tgis.text_source=hf",
+                                             f"model.tgis.text_encoder={tiny_bert}"]))
+    loaded = medvlm3d.load_pretrained(ckpt.save_pretrained(model, tmp_path / "ck"))
+    torch.testing.assert_close(loaded.tgis.state_dict(), model.tgis.state_dict())
+
+
+def test_device_map_load_logs_where_the_modules_went(trained: MedVLM, tmp_path: Path, caplog) -> None:
+    root = ckpt.save_pretrained(trained, tmp_path / "ck", merge_lora=True)
+    caplog.set_level(logging.INFO, logger=ckpt.log.name)
+    loaded = medvlm3d.load_pretrained(root, dtype=torch.float16, device_map="auto")
+    assert loaded.cfg.model.llm.dtype == "float16"
+    assert f"loaded {root} with device_map='auto'; non-LLM modules on cpu" in [
+        r.getMessage() for r in caplog.records if r.name == ckpt.log.name]
