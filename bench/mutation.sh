@@ -3,6 +3,7 @@
 # against their unit tests; prints the kill rate per module.
 #   bench/mutation.sh                      all five modules
 #   bench/mutation.sh 'medvlm3d.train.losses*'   only the mutants whose names match (mutmut globs)
+#   MUTMUT_TESTS='tests/a.py tests/b.py' bench/mutation.sh ...   only these test files (bench/mutmut_run.py)
 # Needs the test extras (pip install -e '.[test]', which brings mutmut 3). Results stay in
 # mutants/ (git-ignored); `python bench/mutmut_run.py show <mutant>` prints one mutant's diff.
 set -euo pipefail
@@ -22,12 +23,13 @@ for line in sys.stdin:
         by[m.group(1)][m.group(2).strip()] += 1
 if not by:
     sys.exit("no mutant results (see mutants/ and run bench/mutmut_run.py run by hand)")
-print("%-24s %7s %6s %8s %5s  kill rate" % ("module", "mutants", "killed", "survived", "other"))
+print("%-34s %7s %5s %6s %8s %5s  kill rate (of those run)" % ("module", "mutants", "run", "killed", "survived", "other"))
 for mod, c in sorted(by.items()):
     n = sum(c.values())
-    if c["not checked"] == n:
+    run = n - c["not checked"]
+    if run == 0:
         continue
     k = c["killed"] + c["timeout"]
     s = c["survived"]
-    print("%-24s %7d %6d %8d %5d  %.1f%%" % (mod, n, k, s, n - k - s, 100 * k / n))
+    print("%-34s %7d %5d %6d %8d %5d  %.1f%%" % (mod, n, run, k, s, run - k - s, 100 * k / run))
 '

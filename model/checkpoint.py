@@ -190,6 +190,8 @@ def save_grown_rows(llm: Any, external: str, path: Path) -> None:
     (the `<image>` / pad tokens the tokenizer added, initialised when the table grew) -> `path`."""
     from transformers import AutoConfig
 
+    if not external:  # no base folder (an LLM built from fields, saved with save_base_llm="never"): no rows to split
+        return
     hf = AutoConfig.from_pretrained(external, local_files_only=True)
     first = int(getattr(hf.get_text_config(), "vocab_size", 0) or 0)
     emb, head = llm.get_input_embeddings(), llm.get_output_embeddings()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,8 @@ import torch
 import medvlm3d
 from medvlm3d.data.collate import Collator
 from medvlm3d.data.dataset import StudyDataset
-from medvlm3d.config import load_config
 from medvlm3d.model import checkpoint as ckpt
-from medvlm3d.model.medvlm import MedVLM, build_model
+from medvlm3d.model.medvlm import MedVLM
 
 
 def _batch(model: MedVLM, records: list[dict]) -> dict:
@@ -41,22 +39,6 @@ def _assert_same_answers(a: MedVLM, b: MedVLM, records: list[dict], exact: bool 
     assert g1.text == g2.text
     torch.testing.assert_close(g1.scores, g2.scores)
     assert g1.scores.sum().item() == pytest.approx(1.0, abs=1e-5)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_tokenizer_dir: Path) -> MedVLM:
-    """A tiny model whose LoRA B matrices and heads are non-zero (as after training), built
-    from a private tokenizer copy that is deleted before loading: the folder must suffice."""
-    tok = tmp_path_factory.mktemp("tok_copy") / "tok"
-    shutil.copytree(tiny_tokenizer_dir, tok)
-    torch.manual_seed(0)
-    m = build_model(load_config("tiny", [f"model.llm.tokenizer={tok}"]))
-    with torch.no_grad():
-        for name, p in m.llm.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
-    shutil.rmtree(tok)
-    return m.eval()
 
 
 @pytest.mark.parametrize("merge", [False, True], ids=["adapter", "merged"])

@@ -313,3 +313,20 @@ def test_config_accepts_every_choice_and_names_the_key() -> None:
                     ({"score_dropout": 1.5}, r"^tgis\.score_dropout must be in")):
         with pytest.raises(ValueError, match=msg):
             TGISConfig(**kw)
+
+
+def test_zero_text_width_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"^TGIS: dim and text_dim must be positive integers, got 8, 0$"):
+        TGIS(TGISConfig(), D, 0)
+
+
+def test_tgis_with_the_context_scorer_passes_width_and_mask() -> None:
+    torch.manual_seed(6)
+    tg = TGIS(TGISConfig(scorer="context"), D, DT)
+    assert isinstance(tg.scorer, ContextScorer) and tg.scorer.proj.in_features == D
+    inp = tgis_inputs(b=2, s=4)
+    inp["mask"][0, 3] = False
+    out = tg(**inp)
+    z = slice_descriptors(inp["x3d"], inp["grid"], inp["v"], inp["slice_pos"], inp["slice_plane"])
+    torch.testing.assert_close(out.logits, tg.scorer(z, tg.text_proj(inp["text"]), inp["mask"]))
+    assert out.scores[0, 3] == 0
