@@ -303,6 +303,12 @@ def run_training(cfg: RunConfig) -> Path:
         set_seed(t.seed)
         with whole_model_init(accelerator):
             module, vlm = build_stage_model(cfg)
+        if cfg.data.features and stage.runs_vlm:
+            if _is_zero3(accelerator):
+                from medvlm3d.data.errors import ConfigError
+
+                raise ConfigError("data.features cannot be used under ZeRO-3: every rank must run each partitioned encoder")
+            log.info("data.features %s: %s", cfg.data.features, ", ".join(vlm.use_features(cfg.data.features)))
         if t.feature_cache_mb > 0 and stage.runs_vlm:  # stage 0 calls encoders itself
             if _is_zero3(accelerator):
                 log.warning("train.feature_cache_mb is ignored under ZeRO-3: every rank must run each partitioned encoder")
