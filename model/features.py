@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
+import struct
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 
 ENCODERS = ("encoder3d", "slice_encoder")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+NUMPY = {"BF16": ("<i2", torch.bfloat16), "F16": ("<f2", torch.float16), "F32": ("<f4", torch.float32)}  # safetensors
 
 
 def weights_hash(module: nn.Module) -> str:
@@ -91,12 +94,26 @@ class FeatureStore:
                     keys = f.get_tensor(f"{name}/keys")
                     for r, k in enumerate(keys.numpy()):
                         self._where[name].setdefault(bytes(k), (i, r))
-        self._open: dict[int, Any] = {}
-        self._pid = os.getpid()
+        self._feats: dict[tuple[str, int], Any] = {}  # memory maps, opened on first use in each process
         self.hits = self.misses = 0
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_open": {}}
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers and spawned processes map their own
+        return {**self.__dict__, "_feats": {}}
+
+    def _map(self, name: str, i: int) -> Any:
+        """`<name>/feats` of shard i as a read-only numpy memory map (bf16 as int16): a batch reads
+        only its own rows, and the page cache is shared by every process of the node."""
+        if (name, i) not in self._feats:
+            import numpy as np
+
+            with open(self._files[i], "rb") as f:
+                n = struct.unpack("<Q", f.read(8))[0]
+                info = json.loads(f.read(n))[f"{name}/feats"]
+            start, _ = info["data_offsets"]
+            self._feats[(name, i)] = (np.memmap(self._files[i], dtype=NUMPY[info["dtype"]][0], mode="r",
+                                                offset=8 + n + start, shape=tuple(info["shape"])),
+                                      NUMPY[info["dtype"]][1])
+        return self._feats[(name, i)]
 
     def _rows(self, name: str, keys: list[bytes]) -> torch.Tensor | None:
         where = self._where[name]
@@ -105,16 +122,18 @@ class FeatureStore:
             self.misses += 1
             return None
         self.hits += 1
-        if self._pid != os.getpid():
-            self._open, self._pid = {}, os.getpid()
-        from safetensors import safe_open
-
-        rows = []
-        for i, r in found:  # type: ignore[misc]
-            if i not in self._open:
-                self._open[i] = safe_open(str(self._files[i]), framework="pt")
-            rows.append(self._open[i].get_slice(f"{name}/feats")[r:r + 1])
-        return torch.cat(rows)
+        by_shard: dict[int, tuple[list[int], list[int]]] = {}
+        for p, (i, r) in enumerate(found):  # type: ignore[misc]
+            by_shard.setdefault(i, ([], []))[0].append(p)
+            by_shard[i][1].append(r)
+        out = None
+        for i, (pos, rows) in by_shard.items():
+            arr, dtype = self._map(name, i)
+            part = torch.from_numpy(arr[rows]).view(dtype)  # a copy of these rows only
+            if out is None:
+                out = part.new_empty(len(keys), *part.shape[1:])
+            out[pos] = part
+        return out
 
     def encode(self, name: str, *inputs: torch.Tensor) -> torch.Tensor | None:
         """encoder3d(volumes [N,1,D,H,W]) -> [N, N3, D3]; slice_encoder(slices [N,S,1,h,w], mask [N,S])
