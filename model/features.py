@@ -153,6 +153,21 @@ class FeatureStore:
         return out
 
 
+def attach_features(vlm: Any, root: str) -> FeatureStore:
+    """The store of `root` for `vlm` (MedVLM.use_features): a ConfigError when it was made from
+    other encoder weights or preprocessing, or when it holds features of an encoder trainable here."""
+    store = FeatureStore(root, feature_settings(vlm, vlm.cfg.data, ""))
+    for name in store.names:
+        if any(p.requires_grad for p in getattr(vlm, name).parameters()):
+            raise ConfigError(f"data.features {root} holds {name} features, but {name} is trainable in this "
+                              f"stage (model.trainable.{name}); features stand only for a frozen encoder")
+    if vlm.cfg.data.augment:
+        log.warning("data.features with data.augment on: augmented volumes are not in %s, so their "
+                    "encoders run as without features", root)
+    vlm.train(vlm.training)  # a frozen encoder's stochastic layers held in eval mode, as when encoded
+    return store
+
+
 def _encode_shard(vlm: Any, data_cfg: Any, dtype: torch.dtype, on_error: str) -> Callable[..., None]:
     """The `write_one` of `run_sharded`: encode each study of a shard, then write the shard."""
     from medvlm3d.data.preprocess import study_failed

@@ -214,19 +214,12 @@ class MedVLM(nn.Module):
         return self._cached_encoders
 
     def use_features(self, root: str) -> tuple[str, ...]:
-        """Take the frozen encoders' outputs from a `medvlm3d encode` folder (model/features.py);
-        a ConfigError when it was made from other encoder weights or preprocessing, or when it
-        holds features of an encoder trainable here. Returns the encoders it serves."""
-        from medvlm3d.model.features import FeatureStore, feature_settings
+        """Take the frozen encoders' outputs from a `medvlm3d encode` folder (model/features.py:
+        `attach_features`, which refuses other weights / preprocessing, or a trainable encoder)."""
+        from medvlm3d.model.features import attach_features
 
-        store = FeatureStore(root, feature_settings(self, self.cfg.data, ""))
-        for name in store.names:
-            if any(p.requires_grad for p in getattr(self, name).parameters()):
-                raise ConfigError(f"data.features {root} holds {name} features, but {name} is trainable in this "
-                                  f"stage (model.trainable.{name}); features stand only for a frozen encoder")
-        self.train(self.training)  # a frozen encoder's stochastic layers held in eval mode, as when encoded
-        self.features = store
-        return store.names
+        self.features = attach_features(self, root)
+        return self.features.names
 
     def _encode(self, name: str, *inputs: torch.Tensor, keys: list[bytes] | None = None) -> torch.Tensor:
         """getattr(self, name)(*inputs): from the encoded features (use_features) when they hold
