@@ -83,7 +83,7 @@ class FeatureStore:
             check_settings(self.settings, {**wanted, "features.dtype": self.settings.get("features.dtype")},
                            str(self.root), what="data.features", fix="medvlm3d encode")
         self.names = tuple(n for n in ENCODERS if f"encoder.{n}.sha256" in self.settings)
-        n_shards = int(max((e["shard"] for e in index.studies.values()), default=-1)) + 1
+        n_shards = int(json.loads((self.root / "index.json").read_text(encoding="utf-8"))["n_shards"])
         self._files = [shard_path(self.root, i) for i in range(n_shards)]
         self._where: dict[str, dict[bytes, tuple[int, int]]] = {n: {} for n in self.names}
         from safetensors import safe_open
