@@ -87,6 +87,14 @@ def test_other_encoder_weights_are_refused(encoded) -> None:
     assert "encoder3d" not in str(e.value) and "medvlm3d encode" in str(e.value)
     with pytest.raises(ConfigError, match="no index.json"):
         FeatureStore(encoded["feats"] / "nothing")
+    import dataclasses
+
+    from medvlm3d.model.features import feature_settings
+
+    vlm = load_pretrained(encoded["ckpt"])
+    other = feature_settings(vlm, dataclasses.replace(vlm.cfg.data, hu_window=(0.0, 80.0)), "")
+    with pytest.raises(ConfigError, match=r"differing keys: data\.hu_window: cache .* vs run \[0\.0, 80\.0\] \(run `medvlm3d encode`"):
+        FeatureStore(encoded["feats"], other)
 
 
 def test_features_of_a_trainable_encoder_are_refused(encoded) -> None:
