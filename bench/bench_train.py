@@ -147,8 +147,9 @@ def prefill_feature_cache(vlm: Any, dataset: Any, collate: Any, t: Any) -> float
     return time.perf_counter() - t0
 
 
-def measure_in_process(overrides: list[str], warmup: int, steps: int, threads: int, queue: Any) -> None:
-    """Child process: `warmup` + `steps` Loop.step calls; puts a result dict on `queue`."""
+def measure_in_process(overrides: list[str], warmup: int, steps: int, threads: int, queue: Any,
+                       stage: str = STAGE) -> None:
+    """Child process: `warmup` + `steps` Loop.step calls of `stage`; puts a result dict on `queue`."""
     import torch
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
@@ -165,7 +166,7 @@ def measure_in_process(overrides: list[str], warmup: int, steps: int, threads: i
     # the demo's data.num_workers=1). `medvlm3d train` forks its workers (the Linux default): so here.
     mp.set_start_method("fork", force=True)
     torch.set_num_threads(threads)
-    cfg = load_config(CONFIG, [*overrides, f"train.max_steps={warmup + steps}"], layers=[STAGE])
+    cfg = load_config(CONFIG, [*overrides, f"train.max_steps={warmup + steps}"], layers=[stage])
     t = cfg.train
     acc = make_accelerator(cfg, Path(t.output_dir))
     try:
@@ -205,10 +206,10 @@ def measure_in_process(overrides: list[str], warmup: int, steps: int, threads: i
         teardown(acc)
 
 
-def run_child(overrides: list[str], warmup: int, steps: int, threads: int) -> dict[str, Any]:
+def run_child(overrides: list[str], warmup: int, steps: int, threads: int, stage: str = STAGE) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=measure_in_process, args=(overrides, warmup, steps, threads, queue))
+    proc = ctx.Process(target=measure_in_process, args=(overrides, warmup, steps, threads, queue, stage))
     proc.start()
     proc.join()
     if proc.exitcode != 0 or queue.empty():

@@ -115,6 +115,8 @@ class DataConfig:
     # a `medvlm3d preprocess` folder: studies are read from its shards (memory-mapped; no decode,
     # no resample; the stored Vote-MI selection reused), refused if made with other settings
     preprocessed: str = ""
+    # a `medvlm3d encode` folder: the frozen encoders' outputs, looked up by the model (model/features.py)
+    features: str = ""
     max_voxels: int = 1024 * 1024 * 1024
     oversize: str = "downsample"  # downsample | refuse
     max_load_bytes: int = 2 * 1024**3  # peak memory of one volume load, from its header (data/guard.py); <= 0: off

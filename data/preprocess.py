@@ -102,6 +102,21 @@ def _study_tensors(ref: StudyRef, data_cfg: Any, plan: Any, j: int) -> tuple[dic
     return {f"{j}/{k}": v for k, v in t.items()}, {k: list(v.shape) for k, v in t.items()}
 
 
+def study_failed(entry: dict[str, Any], ref: StudyRef, e: DataError, on_error: str, summary: Summary) -> dict[str, Any]:
+    """A study that failed to load: its shard entry with the error (on_error skip), or a DataError (stop)."""
+    if on_error == "stop":
+        raise DataError(f"stopped at record {ref.id!r} ({ref.image}): {e}") from e
+    log.warning("record %s: %s", ref.id, e)
+    summary.failed += 1
+    summary.errors.append(f"{ref.id}: {e}")
+    return entry | {"error": str(e)}
+
+
+def check_on_error(on_error: str) -> None:
+    if on_error not in ("skip", "stop"):
+        raise ConfigError(f"--on-error must be skip or stop, got {on_error!r}")
+
+
 def _write_one(i: int, refs: list[StudyRef], root: Path, data_cfg: Any, plan: Any, on_error: str,
                summary: Summary) -> None:
     tensors: dict[str, torch.Tensor] = {}
@@ -111,12 +126,7 @@ def _write_one(i: int, refs: list[StudyRef], root: Path, data_cfg: Any, plan: An
         try:
             t, shapes = _study_tensors(ref, data_cfg, plan, j)
         except DataError as e:
-            if on_error == "stop":
-                raise DataError(f"preprocess stopped at record {ref.id!r} ({ref.image}): {e}") from e
-            log.warning("record %s: %s", ref.id, e)
-            summary.failed += 1
-            summary.errors.append(f"{ref.id}: {e}")
-            entries.append(entry | {"error": str(e)})
+            entries.append(study_failed(entry, ref, e, on_error, summary))
             continue
         tensors |= t
         entries.append(entry | {"offset": j, "shapes": shapes})
@@ -124,23 +134,16 @@ def _write_one(i: int, refs: list[StudyRef], root: Path, data_cfg: Any, plan: An
     summary.bytes_written += write_shard(shard_path(root, i), entries, tensors)
 
 
-def run_preprocess(source: str | os.PathLike[str], cfg: Any, out: str | os.PathLike[str], shard_size: int = 64,
-                   on_error: str = "skip", rank: int = 0, world: int = 1, barrier: Callable[[], None] | None = None,
-                   progress: bool = False) -> Summary:
-    """See the module docstring. `cfg`: a RunConfig (its data and model sections are read)."""
-    from .select.step import SelectionPlan
-
+def run_sharded(refs: list[StudyRef], out: str | os.PathLike[str], s: dict[str, Any], shard_size: int,
+                write_one: Callable[[int, list[StudyRef], Path, Summary], None], rank: int = 0, world: int = 1,
+                barrier: Callable[[], None] | None = None, progress: bool = False, desc: str = "preprocess") -> Summary:
+    """The shared work split of `preprocess` and `encode` (model/features.py): study k goes to shard
+    k // shard_size, rank r writes shards i % world == r by `write_one(i, refs_i, root, summary)`
+    (which must write the shard atomically, `write_shard`), skipping the finished ones; after
+    `barrier()` rank 0 merges the index with settings `s`."""
     if shard_size < 1:
         raise ConfigError(f"--shard-size must be >= 1, got {shard_size}")
-    if on_error not in ("skip", "stop"):
-        raise ConfigError(f"--on-error must be skip or stop, got {on_error!r}")
     t0 = time.perf_counter()
-    data_cfg = dataclasses.replace(cfg.data, cache_dir="", preprocessed="", augment=False)
-    plan = SelectionPlan.for_cache(cfg.model)
-    s = settings(data_cfg, plan.settings if plan is not None else None)
-    refs = list_studies(source, data_cfg, on_error)
-    if not refs:
-        raise DataError(f"{source}: no studies to preprocess")
     root = Path(out)
     n_shards = -(-len(refs) // shard_size)
     summary = Summary(studies=len(refs), shards=n_shards)
@@ -149,13 +152,13 @@ def run_preprocess(source: str | os.PathLike[str], cfg: Any, out: str | os.PathL
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(mine), desc=f"preprocess (rank 0 of {world})", unit="shard")
+        bar = tqdm(total=len(mine), desc=f"{desc} (rank 0 of {world})", unit="shard")
     for i in mine:
         refs_i = refs[i * shard_size:(i + 1) * shard_size]
         if shard_entries(shard_path(root, i)) is not None:
             summary.skipped += len(refs_i)
         else:
-            _write_one(i, refs_i, root, data_cfg, plan, on_error, summary)
+            write_one(i, refs_i, root, summary)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -167,3 +170,21 @@ def run_preprocess(source: str | os.PathLike[str], cfg: Any, out: str | os.PathL
     summary.seconds = time.perf_counter() - t0
     summary.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return summary
+
+
+def run_preprocess(source: str | os.PathLike[str], cfg: Any, out: str | os.PathLike[str], shard_size: int = 64,
+                   on_error: str = "skip", rank: int = 0, world: int = 1, barrier: Callable[[], None] | None = None,
+                   progress: bool = False) -> Summary:
+    """See the module docstring. `cfg`: a RunConfig (its data and model sections are read)."""
+    from .select.step import SelectionPlan
+
+    check_on_error(on_error)
+    data_cfg = dataclasses.replace(cfg.data, cache_dir="", preprocessed="", augment=False)
+    plan = SelectionPlan.for_cache(cfg.model)
+    s = settings(data_cfg, plan.settings if plan is not None else None)
+    refs = list_studies(source, data_cfg, on_error)
+    if not refs:
+        raise DataError(f"{source}: no studies to preprocess")
+    return run_sharded(refs, out, s, shard_size,
+                       lambda i, refs_i, root, summary: _write_one(i, refs_i, root, data_cfg, plan, on_error, summary),
+                       rank=rank, world=world, barrier=barrier, progress=progress)

@@ -113,20 +113,21 @@ def merge_index(root: str | os.PathLike[str], n_shards: int, s: dict[str, Any], 
     return index
 
 
-def check_settings(stored: dict[str, Any], wanted: dict[str, Any], where: str) -> None:
+def check_settings(stored: dict[str, Any], wanted: dict[str, Any], where: str, what: str = "data.preprocessed",
+                   fix: str = "medvlm3d preprocess") -> None:
     """ConfigError naming every key whose value differs between a cache and the run. The
     selection keys (`model.*`) are compared only when both sides have them: a cache without a
     stored selection, or a run without one, selects as it loads; a run with the teacher off
     takes a cache made with any teacher mode."""
     both_select = any(k.startswith("model.") for k in stored) and any(k.startswith("model.") for k in wanted)
     keys = sorted(k for k in set(stored) | set(wanted) if both_select or not k.startswith("model."))
-    if wanted.get("model.vote_mi.teacher") == "off":  # the run reads no teacher; the picks do not depend on it
+    if wanted.get("model.vote_mi.teacher") == "off" and "model.vote_mi.teacher" in keys:  # the run reads no teacher; the picks do not depend on it
         keys.remove("model.vote_mi.teacher")
     diff = [f"{k}: cache {stored.get(k, '<absent>')!r} vs run {wanted.get(k, '<absent>')!r}"
             for k in keys if stored.get(k, "<absent>") != wanted.get(k, "<absent>")]
     if diff:
-        raise ConfigError(f"data.preprocessed {where} was made with other settings; differing keys: "
-                          f"{'; '.join(diff)} (run `medvlm3d preprocess` again with this config)")
+        raise ConfigError(f"{what} {where} was made with other settings; differing keys: "
+                          f"{'; '.join(diff)} (run `{fix}` again with this config)")
 
 
 class ShardCache:
@@ -134,19 +135,22 @@ class ShardCache:
     holds STUDY_FIELDS and chosen the stored selection (may be empty). Shard files are opened
     memory-mapped on first use, once per process (DataLoader workers each open their own)."""
 
-    def __init__(self, root: str | os.PathLike[str], wanted: dict[str, Any] | None = None) -> None:
-        """`wanted`: the run's `settings(...)`; a cache made with other ones is a ConfigError."""
+    def __init__(self, root: str | os.PathLike[str], wanted: dict[str, Any] | None = None,
+                 what: str = "data.preprocessed") -> None:
+        """`wanted`: the run's `settings(...)`; a cache made with other ones is a ConfigError.
+        `what`: the config key that named the folder (data.features: a `medvlm3d encode` folder)."""
         self.root = Path(root)
         index_file = self.root / INDEX
         if not index_file.is_file():
-            raise ConfigError(f"data.preprocessed {self.root}: no {INDEX}; run `medvlm3d preprocess --out {self.root}`")
+            verb = "encode" if what == "data.features" else "preprocess"
+            raise ConfigError(f"{what} {self.root}: no {INDEX}; run `medvlm3d {verb} --out {self.root}`")
         try:
             index = json.loads(index_file.read_text(encoding="utf-8"))
             self.studies: dict[str, Any] = index["studies"]
             self.errors: dict[str, Any] = index["errors"]
             self.settings: dict[str, Any] = index["settings"]
         except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{index_file}: not a preprocess index ({type(e).__name__}: {e})") from e
+            raise DataError(f"{index_file}: not a {what} index ({type(e).__name__}: {e})") from e
         if wanted is not None:
             check_settings(self.settings, wanted, str(self.root))
         self.has_selection = any(k.startswith("model.") for k in self.settings)

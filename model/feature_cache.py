@@ -62,14 +62,19 @@ def row_keys(*tensors: torch.Tensor) -> list[bytes]:
     n = int(tensors[0].shape[0])
     if any(int(t.shape[0]) != n for t in tensors):
         raise ValueError(f"FeatureCache: inputs must share dim 0, got {[tuple(t.shape) for t in tensors]}")
-    cpu = [t.detach().to("cpu").contiguous() for t in tensors]
+    if n == 0:
+        return []
+    rows = []  # per tensor: (the row header, the rows as one [N, -1] array: no copy)
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        flat = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).reshape(n, -1).numpy()
+        rows.append((f"{tuple(t.shape[1:])}{t.dtype}".encode(), flat))
     keys = []
     for i in range(n):
         h = hashlib.sha256()
-        for t in cpu:
-            row = t[i]
-            h.update(f"{tuple(row.shape)}{row.dtype}".encode())
-            h.update((row.view(torch.int16) if row.dtype == torch.bfloat16 else row).numpy().data)  # no copy
+        for head, flat in rows:
+            h.update(head)
+            h.update(flat[i].data)
         keys.append(h.digest()[:16])
     return keys
 

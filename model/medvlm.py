@@ -135,6 +135,7 @@ class MedVLM(nn.Module):
         apply_trainable_policy(self.components(), mc.trainable)
         self.feature_cache: FeatureCache | None = None  # enable_feature_cache; never saved
         self._cached_encoders: tuple[str, ...] = ()
+        self.features: Any = None  # use_features: a model.features.FeatureStore; never saved
 
     # ----------------------------------------------------------------------------------------
     # structure
@@ -213,10 +214,23 @@ class MedVLM(nn.Module):
         self.feature_cache = FeatureCache(max_bytes) if names else None
         return self._cached_encoders
 
+    def use_features(self, root: str) -> tuple[str, ...]:
+        """Take the frozen encoders' outputs from a `medvlm3d encode` folder (model/features.py:
+        `attach_features`, which refuses other weights / preprocessing, or a trainable encoder)."""
+        from medvlm3d.model.features import attach_features
+
+        self.features = attach_features(self, root)
+        return self.features.names
+
     def _encode(self, name: str, *inputs: torch.Tensor, keys: list[bytes] | None = None) -> torch.Tensor:
-        """getattr(self, name)(*inputs), through the feature cache while that encoder is frozen
-        (`keys`: the inputs' `row_keys`, when the caller already has them)."""
+        """getattr(self, name)(*inputs): from the encoded features (use_features) when they hold
+        these inputs, else through the feature cache while that encoder is frozen (`keys`: the
+        inputs' `row_keys`, when the caller already has them)."""
         module = getattr(self, name)
+        if self.features is not None:
+            stored = self.features.encode(name, *inputs)
+            if stored is not None:
+                return stored
         if self.feature_cache is None or name not in self._cached_encoders \
                 or any(p.requires_grad for p in module.parameters()):
             return module(*inputs)

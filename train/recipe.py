@@ -181,6 +181,8 @@ def build_stage_model(cfg: RunConfig) -> tuple[nn.Module, nn.Module]:
     else:
         log.info("stage %s starts from scratch", cfg.train.stage)
         vlm = build_model(cfg)
+    if cfg.data.features and get_stage(cfg.train.stage).runs_vlm:  # the frozen encoders' outputs, from disk
+        log.info("data.features %s: %s", cfg.data.features, ", ".join(vlm.use_features(cfg.data.features)))
     return stage_module(vlm, cfg), vlm
 
 
@@ -301,6 +303,10 @@ def run_training(cfg: RunConfig) -> Path:
         stage = get_stage(t.stage)
         ckpt = resume_checkpoint(cfg, run_dir)
         set_seed(t.seed)
+        if cfg.data.features and _is_zero3(accelerator):
+            from medvlm3d.data.errors import ConfigError
+
+            raise ConfigError("data.features cannot be used under ZeRO-3: every rank must run each partitioned encoder")
         with whole_model_init(accelerator):
             module, vlm = build_stage_model(cfg)
         if t.feature_cache_mb > 0 and stage.runs_vlm:  # stage 0 calls encoders itself

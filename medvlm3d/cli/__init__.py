@@ -51,6 +51,7 @@ VERBS: dict[str, str] = {
     "score": "score any model's predictions (preds.jsonl) against references under a named protocol",
     "eval": "evaluate a checkpoint: report | vqa_closed | vqa_open | classify (--protocol voteMI)",
     "preprocess": "read each study once into shards + index for data.preprocessed (accelerate launch: any ranks)",
+    "encode": "run a checkpoint's frozen encoders once into feature shards for data.features (accelerate launch)",
     "infer": "answer a prompt about one scan; slice scores, Vote-MI picks, --plot/--json",
     "select": "Vote-MI slice selection alone: PNG slices + selection.json for any 2D VLM",
     "export": "write a standalone checkpoint (optionally with the LoRA merged)",

@@ -4,6 +4,7 @@ Every launch trains the tiny stage-2 model (LoRA, distillation, slice loss) for 
 `overrides(data, out, batch)`; `data` is the `dist_data` fixture of tests/train/conftest.py.
 
     free_port() -> a TCP port free on 127.0.0.1 now
+    tree(root) -> {relative path: bytes} of every file under root
     overrides(data, out, batch) -> the key=value overrides of one run
     launch_cmd(config_file, data, out, *extra, launch_args=()) -> the `accelerate launch` argv
     launch_env() -> the environment of a launch (1 thread per process)
@@ -33,6 +34,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def overrides(data: dict[str, Path], out: Path, batch: int) -> list[str]:
