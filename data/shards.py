@@ -144,8 +144,11 @@ class MappedShard:
     page is read-only: a write would crash): every transform returns new tensors."""
 
     def __init__(self, path: Path) -> None:
-        with open(path, "rb") as fh:
-            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            with open(path, "rb") as fh:
+                self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:  # absent, unreadable or empty
+            raise DataError(f"{path}: cannot map the shard ({type(e).__name__}: {e}); run preprocess again") from e
         try:
             (n,) = struct.unpack("<Q", self._map[:8])
             self._header = json.loads(self._map[8:8 + n])
