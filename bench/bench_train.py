@@ -12,9 +12,9 @@ set and filled before timing, so the timed steps read cached volumes as every ep
 run's first does (the cold load per study is printed too). With `--preprocessed` the studies are
 first written into shards by `run_preprocess` (data/preprocess.py, Vote-MI teacher and picks stored)
 and every case reads them (`data.preprocessed`): no decode, no resample, no Vote-MI in the loader.
-The demo's stage 2 runs one DataLoader worker (`data.num_workers=1`, train/demo.py); its workers
-start again each epoch (7 steps of batch 32 here), which the data wait includes. Each case runs in
-its own child process:
+The demo's stage 2 runs one DataLoader worker (`data.num_workers=1`, train/demo.py); it starts
+once per run (persistent workers, train/data.py: make_loader), in the warm-up steps, not once per
+7-step epoch as before session 10. Each case runs in its own child process:
 
   in-script cases (1 process): the recipe's own builders and
   `Loop.step` (forward + backward + clip + optimizer step), with the micro-batch iterator

@@ -8,7 +8,8 @@
       question_mask [B, Lq] long    1 = real token
       volumes [N, 1, D, H, W]       N = all images of the batch, ordered by sample
       image_to_sample [N] long      which sample each image belongs to (non-decreasing)
-      slices [N, S, 1, h, w]        S = the most slices of any image; padded slices are zeros
+      slices [N, S, 1, h, w]        S = the most slices of any image; padded slices are zeros; a
+                                    view of `volumes` (axial_view) when every sample's slices are one
       slice_mask [N, S] bool        True = a real slice
       slice_plane [N, S] long, slice_index [N, S] long, slice_pos [N, S] float   (0 where padded)
       slice_series [N, S] long      series / phase id: the image's position in its record (the
@@ -27,12 +28,15 @@ padded at the end of the slice axis, whatever `padding_side` says.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import get_worker_info
 
 from .prompts import IGNORE_INDEX
+from .shards import axial_view
 from .select.step import series_ids
 
 _TEXT_KEYS = ("input_ids", "labels", "attention_mask", "question_ids")
@@ -91,6 +95,35 @@ class Collator:
 
 def _pad(seqs: Sequence[torch.Tensor], value: float, side: str) -> torch.Tensor:
     return pad_sequence(list(seqs), batch_first=True, padding_value=value, padding_side=side)
+
+
+def _batch_buffer(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised batch tensor; in a DataLoader worker it is allocated in shared memory, so
+    that sending the batch to the main process copies nothing (what torch's default_collate does)."""
+    if get_worker_info() is None:
+        return torch.empty(tuple(shape), dtype=dtype)
+    n = math.prod(shape)
+    return torch.empty(0, dtype=dtype).new(torch.UntypedStorage._new_shared(n * dtype.itemsize)).view(tuple(shape))
+
+
+def _is_axial_view(sample: dict[str, Any]) -> bool:
+    """True when the sample's slices tensor is `axial_view` of its volume tensor (same memory)."""
+    vol, sl = sample["volume"], sample["slices"]
+    if not (isinstance(vol, torch.Tensor) and isinstance(sl, torch.Tensor)):
+        return False
+    view = axial_view(vol)
+    return sl.data_ptr() == vol.data_ptr() and sl.shape == view.shape and sl.stride() == view.stride()
+
+
+def _pad_slices(slices: Sequence[torch.Tensor], s_max: int) -> torch.Tensor:
+    """[S_i, 1, h, w] per image -> [N, s_max, 1, h, w], zeros after each image's S_i: one copy of
+    each image's slices straight into the batch (no intermediate stack)."""
+    first = slices[0]
+    out = _batch_buffer((len(slices), s_max, *first.shape[1:]), first.dtype)
+    for i, sl in enumerate(slices):
+        out[i, :sl.shape[0]].copy_(sl)
+        out[i, sl.shape[0]:].zero_()
+    return out
 
 
 def collate_images(samples: Sequence[dict[str, Any]], ids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
@@ -153,10 +186,12 @@ def collate_images(samples: Sequence[dict[str, Any]], ids: Sequence[str] | None 
     for k, v in out.items():
         if v.shape[0] != n_len.numel():
             raise ValueError(f"{k} is given for {v.shape[0]} of the batch's {n_len.numel()} images: all or none")
+    batch_volumes = torch.cat(volumes, 0, out=_batch_buffer((n_len.numel(), *volumes[0].shape[1:]), volumes[0].dtype))
     return out | {
-        "volumes": torch.cat(volumes, 0),
+        "volumes": batch_volumes,
         "image_to_sample": torch.tensor(owner, dtype=torch.long),
-        "slices": _pad(slices, 0.0, "right"),
+        # slices that are the volumes' own axial rows (data/shards.py: axial_view) stay a view
+        "slices": axial_view(batch_volumes) if all(map(_is_axial_view, samples)) else _pad_slices(slices, s_max),
         "slice_mask": torch.arange(s_max)[None, :] < n_len[:, None],
         "slice_plane": _pad(per_image["slice_plane"], 0, "right").long(),
         "slice_index": _pad(per_image["slice_index"], 0, "right").long(),

@@ -65,15 +65,32 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
 class PerSampleDraws:
     """`set_draws(seed, epoch)`; then `_generator(i)` is sample i's own generator (None before).
-    (Not named set_epoch: Accelerate calls a dataset's set_epoch(epoch) itself.)"""
+    (Not named set_epoch: Accelerate calls a dataset's set_epoch(epoch) itself.)
 
-    _draws: tuple[int, int] | None = None
+    `share_draws()` (train/data.py: make_loader, before any worker starts) moves the (seed, epoch)
+    into a shared-memory tensor, so that a later `set_draws` in the main process reaches the
+    persistent DataLoader workers too, which forked a copy of the dataset once."""
+
+    _draws: torch.Tensor | None = None  # [3] long: (set?, seed, epoch); shared once share_draws ran
+
+    def share_draws(self) -> None:
+        if self._draws is None:
+            self._draws = torch.zeros(3, dtype=torch.long)
+        if not self._draws.is_shared():
+            self._draws = self._draws.share_memory_()
 
     def set_draws(self, seed: int, epoch: int) -> None:
-        self._draws = (int(seed), int(epoch))
+        value = torch.tensor([1, int(seed), int(epoch)], dtype=torch.long)
+        if self._draws is None:
+            self._draws = value
+        else:
+            self._draws.copy_(value)  # in place: seen by the workers when shared
 
     def _generator(self, index: int) -> torch.Generator | None:
-        return None if self._draws is None else sample_generator(self._draws[0], self._draws[1], index)
+        d = self._draws
+        if d is None or not int(d[0]):
+            return None
+        return sample_generator(int(d[1]), int(d[2]), index)
 
 
 @dataclass

@@ -27,7 +27,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import mmap
 import os
+import struct
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -130,10 +133,56 @@ def check_settings(stored: dict[str, Any], wanted: dict[str, Any], where: str, w
                           f"{'; '.join(diff)} (run `{fix}` again with this config)")
 
 
+_DTYPES = {"F32": torch.float32, "F64": torch.float64, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class MappedShard:
+    """One shard file as zero-copy tensors: `get_tensor(name)` is a view of a read-only memory
+    map of the file, so a study costs no read and no copy until its bytes are used (the
+    collator then copies them once, into the batch). The views must not be written to (the
+    page is read-only: a write would crash): every transform returns new tensors."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            with open(path, "rb") as fh:
+                self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:  # absent, unreadable or empty
+            raise DataError(f"{path}: cannot map the shard ({type(e).__name__}: {e}); run preprocess again") from e
+        try:
+            (n,) = struct.unpack("<Q", self._map[:8])
+            self._header = json.loads(self._map[8:8 + n])
+        except (struct.error, ValueError) as e:
+            raise DataError(f"{path}: not a safetensors shard ({type(e).__name__}: {e})") from e
+        self._start = 8 + n
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        info = self._header[name]
+        begin, end = info["data_offsets"]
+        dtype = _DTYPES[info["dtype"]]
+        if end == begin:
+            return torch.empty(info["shape"], dtype=dtype)
+        with warnings.catch_warnings():  # "buffer is not writable": read-only on purpose (above)
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                    offset=self._start + begin)
+        return flat.view(info["shape"])
+
+
+def axial_view(volume: torch.Tensor) -> torch.Tensor:
+    """volume [n_img, 1, D, H, W] -> its axial slices [n_img, D, 1, H, W] as a view (no copy):
+    what `slice_views` gives for planes (axial,), num_slices 0 and slice_size (H, W)."""
+    return volume.transpose(1, 2)
+
+
 class ShardCache:
     """Reads studies from a preprocessed folder: `get(key) -> (tensors, chosen)`, where tensors
-    holds STUDY_FIELDS and chosen the stored selection (may be empty). Shard files are opened
-    memory-mapped on first use, once per process (DataLoader workers each open their own)."""
+    holds STUDY_FIELDS and chosen the stored selection (may be empty), as views of the
+    memory-mapped shard (`MappedShard`). When a study's stored slices equal its volume's axial
+    rows (axial plane only, num_slices 0, slice_size = (H, W): the real-size configs), `slices`
+    is `axial_view(volume)`, the same memory, and the collator copies it once for both. Shard files are mapped on first use, once per process
+    (DataLoader workers each map their own)."""
 
     def __init__(self, root: str | os.PathLike[str], wanted: dict[str, Any] | None = None,
                  what: str = "data.preprocessed") -> None:
@@ -155,6 +204,7 @@ class ShardCache:
             check_settings(self.settings, wanted, str(self.root))
         self.has_selection = any(k.startswith("model.") for k in self.settings)
         self._open: dict[int, Any] = {}
+        self._same: dict[str, bool] = {}  # study key -> slices equal the volume's axial view
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers: no open handles travel
@@ -164,7 +214,7 @@ class ShardCache:
         if self._pid != os.getpid():
             self._open, self._pid = {}, os.getpid()
         if i not in self._open:
-            self._open[i] = safe_open(str(shard_path(self.root, i)), framework="pt")
+            self._open[i] = MappedShard(shard_path(self.root, i))
         return self._open[i]
 
     def get(self, key: str, where: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -175,5 +225,12 @@ class ShardCache:
             raise DataError(f"{where}: not in data.preprocessed {self.root} (study {key}); preprocess this dataset")
         f, j = self._shard(int(entry["shard"])), int(entry["offset"])
         tensors = {name: f.get_tensor(f"{j}/{name}") for name in STUDY_FIELDS}
+        axial = axial_view(tensors["volume"])
+        same = self._same.get(key)
+        if same is None:  # compared once per study and process (a read, no copy)
+            same = self._same[key] = tuple(axial.shape) == tuple(tensors["slices"].shape) and bool(
+                torch.equal(axial, tensors["slices"]))
+        if same:  # the slices ARE the volume's axial rows: one tensor, so the batch copies it once
+            tensors["slices"] = axial
         chosen = {name: f.get_tensor(f"{j}/{name}") for name in CHOSEN_FIELDS if name in entry["shapes"]}
         return tensors, chosen

@@ -24,10 +24,12 @@ Order. `EpochSampler` draws `torch.randperm(n)` from a generator seeded by (trai
 so the order of epoch e is the same in every run, whatever the number of processes; Accelerate
 then hands out consecutive batches to the processes in turn, so with P processes of batch B the
 global batch of a step holds the same P*B samples as one process of batch P*B. The loader drops
-the last incomplete batch (every optimizer step sees a full global batch), and its own generator
-(worker seeds) is re-seeded per epoch too, so nothing here draws from the global RNG. The
-per-sample draws (choice shuffle, augmentation) come from a generator seeded by (train.seed,
-epoch, sample index): `set_sample_draws(loader, seed, epoch)`, called by the loop each epoch.
+the last incomplete batch (every optimizer step sees a full global batch), and nothing here
+draws from the global RNG. The per-sample draws (choice shuffle, augmentation) come from a
+generator seeded by (train.seed, epoch, sample index): `set_sample_draws(loader, seed, epoch)`,
+called by the loop each epoch. The workers are persistent (started once per run, not per
+epoch); the (seed, epoch) of the draws reaches them through a shared-memory tensor
+(PerSampleDraws.share_draws), written before the epoch's iterator sends them any index.
 """
 
 from __future__ import annotations
@@ -52,14 +54,22 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
-def set_sample_draws(loader: Any, seed: int, epoch: int) -> None:
-    """Seed the per-sample draws (data/dataset.py: PerSampleDraws) of the dataset behind `loader`
-    (through wrappers such as Subset) for `epoch`; before the loader's workers start."""
-    ds = getattr(loader, "dataset", None)
+def draw_datasets(loader: Any) -> list[PerSampleDraws]:
+    """The PerSampleDraws datasets behind `loader` (or a dataset), through wrappers such as Subset."""
+    out, ds = [], getattr(loader, "dataset", loader)
     while ds is not None:
         if isinstance(ds, PerSampleDraws):
-            ds.set_draws(seed, epoch)
+            out.append(ds)
         ds = getattr(ds, "dataset", None)
+    return out
+
+
+def set_sample_draws(loader: Any, seed: int, epoch: int) -> None:
+    """Seed the per-sample draws (data/dataset.py: PerSampleDraws) of the dataset behind `loader`
+    (through wrappers such as Subset) for `epoch`; before iterating the loader for that epoch
+    (its persistent workers read the shared value: make_loader)."""
+    for ds in draw_datasets(loader):
+        ds.set_draws(seed, epoch)
 
 
 class EpochSampler(Sampler[int]):
@@ -291,6 +301,9 @@ def make_loader(dataset: Dataset, collate_fn: Callable, cfg: RunConfig,
     sampler = EpochSampler(len(dataset), cfg.train.seed, lengths=lengths,
                            group=cfg.train.batch_size * cfg.train.grad_accum * processes)
     workers = int(cfg.data.num_workers)
+    if workers > 0:  # the workers persist across epochs: each epoch's set_sample_draws must reach them
+        for ds in draw_datasets(dataset):
+            ds.share_draws()
     loader = DataLoader(
         dataset,
         batch_size=cfg.train.batch_size,
@@ -299,7 +312,9 @@ def make_loader(dataset: Dataset, collate_fn: Callable, cfg: RunConfig,
         drop_last=True,
         num_workers=workers,
         pin_memory=bool(cfg.data.pin_memory) and torch.cuda.is_available(),
-        persistent_workers=False,  # per-epoch worker seeds (shuffle_choices, augment): see the module docstring
+        # started once, not every epoch (a fork and a cold page cache per epoch); the per-sample
+        # draws reach them through shared memory (set_sample_draws), so resume stays exact
+        persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(epoch_seed(cfg.train.seed, 0)),
     )
     return loader, sampler

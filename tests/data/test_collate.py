@@ -128,3 +128,20 @@ def test_left_padded_prompts_end_together(tmp_path) -> None:
     assert batch["input_ids"][1].tolist() == long
     assert batch["attention_mask"][0].sum() == len(short)
     assert ex["input_ids"][: len(short)] == short
+
+
+def test_slices_that_are_the_volume_stay_one_tensor() -> None:
+    """Slices given as the volume's axial view (data/shards.py: axial_view) come out as a view of
+    the batch's volumes, equal to what the padding path makes of a copy of them."""
+    from medvlm3d.data.shards import axial_view
+
+    a, b = sample("a", 6, 4, D), sample("b", 7, 4, D)
+    for s in (a, b):
+        s["slices"] = axial_view(s["volume"])
+    batch = Collator(PAD)([a, b])
+    assert batch["slices"].data_ptr() == batch["volumes"].data_ptr()
+    copies = [{**s, "slices": s["slices"].clone()} for s in (a, b)]
+    ref = Collator(PAD)(copies)
+    assert ref["slices"].data_ptr() != ref["volumes"].data_ptr()
+    assert torch.equal(batch["slices"], ref["slices"]) and batch["slices"].shape == (2, D, 1, H, W)
+    assert torch.equal(batch["volumes"], ref["volumes"])

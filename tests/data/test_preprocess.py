@@ -182,3 +182,22 @@ def test_settings_of_a_plan_without_stored_selection(tiny_cfg) -> None:
     plan = SelectionPlan.for_cache(tiny_cfg().model)
     assert plan is not None and plan.keep and plan.settings["model.vote_mi.selector"] == "votek"
     assert dataclasses.asdict(tiny_cfg().model.vote_mi)["num_picks"] == plan.settings["model.vote_mi.num_picks"]
+
+
+def test_shard_views_share_memory_and_batch_like_raw(phantoms, phantom_records, tiny_cfg, tmp_path) -> None:
+    """Read from shards, a study's slices (axial only, slice_size = (H, W)) are its volume's
+    memory, read-only; the collated batch equals the one from the NIfTI files."""
+    from medvlm3d.data.collate import Collator
+    from medvlm3d.data.readers import read_records
+
+    cfg = tiny_cfg(*SIZES)
+    run_preprocess(phantoms, cfg, tmp_path / "pp", shard_size=2)
+    records = read_records(phantoms)
+    raw = dataset(cfg, records)
+    cached = dataset(tiny_cfg(*SIZES, f"data.preprocessed={tmp_path / 'pp'}"), records)
+    s = cached[0]
+    assert s["slices"].data_ptr() == s["volume"].data_ptr()
+    collate = Collator(raw.tokenizer.pad_token_id)
+    a, b = collate([raw[i] for i in range(3)]), collate([cached[i] for i in range(3)])
+    assert b["slices"].data_ptr() == b["volumes"].data_ptr()
+    same({k: v for k, v in a.items() if k != "records"}, {k: v for k, v in b.items() if k != "records"})

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medvlm3d.data.dataset import DataConfig, StudyDataset, sample_generator
+from medvlm3d.data.dataset import DataConfig, PerSampleDraws, StudyDataset, sample_generator
 from medvlm3d.model.llm import LLMConfig, load_tokenizer
 from medvlm3d.train.data import TextDataset
 
@@ -56,3 +56,34 @@ def test_sample_generators_differ_by_each_key() -> None:
             for k in ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1))]
     assert len({tuple(d) for d in draw}) == 4
     assert torch.equal(torch.rand(3, generator=sample_generator(3, 4, 5)), torch.rand(3, generator=sample_generator(3, 4, 5)))
+
+
+class _Draws(PerSampleDraws, torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> int:
+        g = self._generator(i)
+        return -1 if g is None else int(torch.randint(0, 2**31 - 1, (), generator=g))
+
+
+def test_persistent_workers_see_each_epochs_draws() -> None:
+    """make_loader's workers start once; set_sample_draws of each epoch reaches them (shared memory)."""
+    from medvlm3d.train.data import draw_datasets, set_sample_draws
+
+    ds = _Draws()
+    for d in draw_datasets(ds):
+        d.share_draws()
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1, persistent_workers=True)
+    for epoch in range(3):
+        set_sample_draws(loader, 5, epoch)
+        got = list(loader)
+        assert got == [ds[i] for i in range(4)] and -1 not in got
+        assert got != [_Draws.__getitem__(_with(5, epoch + 1), i) for i in range(4)]
+    assert loader._iterator is not None and loader._iterator._workers[0].pid  # one worker all along
+
+
+def _with(seed: int, epoch: int) -> _Draws:
+    d = _Draws()
+    d.set_draws(seed, epoch)
+    return d
