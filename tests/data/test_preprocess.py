@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from medvlm3d.data.preprocess import run_preprocess
 from medvlm3d.data.select.step import SelectionPlan
 from medvlm3d.data.shards import ShardCache, shard_path
 from medvlm3d.model.llm import load_tokenizer
+from launch_helpers import free_port, tree  # tests/train (pytest.ini pythonpath)
 
 SIZES = ["data.size=[8,16,16]", "data.slice_size=[16,16]"]
 
@@ -144,16 +144,6 @@ def test_rank_shares_are_disjoint(phantoms, tiny_cfg, tmp_path) -> None:
                                                                             "shard-00002.safetensors"]
     s = run_preprocess(phantoms, cfg, tmp_path / "pp", shard_size=2, rank=1, world=2)
     assert (s.done, s.skipped) == (2, 0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.slow
