@@ -28,9 +28,10 @@ import logging
 import os
 import resource
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -132,6 +133,25 @@ def _write_one(i: int, refs: list[StudyRef], root: Path, data_cfg: Any, plan: An
         entries.append(entry | {"offset": j, "shapes": shapes})
         summary.done += 1
     summary.bytes_written += write_shard(shard_path(root, i), entries, tensors)
+
+
+@contextmanager
+def launched_ranks() -> Iterator[tuple[int, int, Callable[[], Any] | None]]:
+    """(rank, world, barrier) of this process: under `accelerate launch` / torchrun a gloo process
+    group (only a barrier is needed: gloo works on CPU and GPU nodes alike), torn down on exit;
+    otherwise (0, 1, None). The `preprocess` and `encode` verbs run `run_sharded` inside it."""
+    from medvlm3d.train.recipe import launched_distributed
+
+    if not launched_distributed():
+        yield 0, 1, None
+        return
+    import torch.distributed as dist
+
+    dist.init_process_group(backend="gloo")
+    try:
+        yield dist.get_rank(), dist.get_world_size(), dist.barrier
+    finally:
+        dist.destroy_process_group()
 
 
 def run_sharded(refs: list[StudyRef], out: str | os.PathLike[str], s: dict[str, Any], shard_size: int,

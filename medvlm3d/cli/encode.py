@@ -22,23 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medvlm3d.data.preprocess import launched_ranks
     from medvlm3d.model.checkpoint import load_pretrained
     from medvlm3d.model.features import run_encode
-    from medvlm3d.train.recipe import launched_distributed
 
-    rank, world, barrier = 0, 1, None
-    if launched_distributed():  # accelerate launch / torchrun, any number of processes and nodes
-        import torch.distributed as dist
-
-        dist.init_process_group(backend="gloo")  # only a barrier is needed
-        rank, world, barrier = dist.get_rank(), dist.get_world_size(), dist.barrier
-    try:
+    with launched_ranks() as (rank, world, barrier):
         vlm = load_pretrained(args.checkpoint, device=args.device)
         summary = run_encode(vlm, args.data, args.out, dtype=args.dtype, shard_size=args.shard_size,
                              on_error=args.on_error, rank=rank, world=world, barrier=barrier, progress=rank == 0)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
     print(f"encode rank {rank}/{world}: {summary.line()}", flush=True)
     if rank == 0:
         print(f"index: {os.path.join(args.out, 'index.json')}")

@@ -25,23 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from medvlm3d.config import load_config
-    from medvlm3d.data.preprocess import run_preprocess
+    from medvlm3d.data.preprocess import launched_ranks, run_preprocess
 
     cfg = load_config(args.config, args.overrides)
-    from medvlm3d.train.recipe import launched_distributed
-
-    rank, world, barrier = 0, 1, None
-    if launched_distributed():  # accelerate launch / torchrun, any number of processes and nodes
-        import torch.distributed as dist
-
-        dist.init_process_group(backend="gloo")  # only a barrier is needed: gloo, on CPU and GPU nodes alike
-        rank, world, barrier = dist.get_rank(), dist.get_world_size(), dist.barrier
-    try:
+    with launched_ranks() as (rank, world, barrier):
         summary = run_preprocess(args.data, cfg, args.out, shard_size=args.shard_size, on_error=args.on_error,
                                  rank=rank, world=world, barrier=barrier, progress=rank == 0)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
     print(f"preprocess rank {rank}/{world}: {summary.line()}", flush=True)
     if rank == 0:
         print(f"index: {os.path.join(args.out, 'index.json')}")
