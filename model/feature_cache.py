@@ -8,10 +8,13 @@ slice encoder takes most of a stage-2 step (bench/bench_train.py prints the gain
     out = cache.run("slice_encoder", module, slices, mask)   # slices [N, ...], mask [N, ...]
         -> module(slices, mask) [N, ...], computed only for the rows not seen before
 
-Rows not seen before are computed one at a time (a batch of one), so a row's output is bit for
-bit the same whatever batch it came in, and whether it came from the cache or not: a resumed run,
-whose cache starts empty, computes exactly what the uninterrupted run had stored (the batched
-forward of a run without the cache may differ from it by rounding, ~1e-6).
+Rows not seen before are computed in chunks of exactly `CHUNK_ROWS` rows (the last one padded with
+copies of its first row), so every row goes through the same shapes whatever batch it came in,
+and whether it came from the cache or not: a resumed run, whose cache starts empty, computes
+exactly what the uninterrupted run had stored (tests/model/test_feature_cache.py checks that a
+row's output does not depend on its chunk-mates or its place in the chunk; the batched forward of
+a run without the cache may differ from it by rounding, ~1e-6). Chunks of 4 rather than single rows:
+MONAI's 3D ResNet takes 17.7 ms a row in a chunk of 4 and 36.6 ms alone (1 thread).
 
 Each row i of the batch is keyed by a SHA-256 digest of row i of every input (bytes, shape and
 dtype): a key cannot go stale, whatever produced the batch (another study order, augmentation,
@@ -38,6 +41,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from medvlm3d.model.trainable import stochastic_layers
+
+CHUNK_ROWS = 4  # rows per forward of the cached module (see the module docstring)
 
 
 def check_cacheable(module: nn.Module) -> str:
@@ -106,13 +111,17 @@ class FeatureCache:
         miss = [i for i, f in enumerate(found) if f is None]
         self.hits += len(keys) - len(miss)
         self.misses += len(miss)
-        for i in miss:
-            with torch.no_grad():  # one row at a time: its output never depends on its batch-mates
-                row = module(*(t[i:i + 1] for t in inputs))[0].detach().clone()
-            found[i] = row
-            size = row.numel() * row.element_size()
-            if self.bytes + size <= self.max_bytes:
-                self._store[(name, keys[i])] = row
-                self.bytes += size
+        for start in range(0, len(miss), CHUNK_ROWS):
+            rows = miss[start:start + CHUNK_ROWS]
+            index = torch.tensor(rows + [rows[0]] * (CHUNK_ROWS - len(rows)), device=inputs[0].device)
+            with torch.no_grad():  # always CHUNK_ROWS rows: an output never depends on its chunk
+                out = module(*(t.index_select(0, index) for t in inputs)).detach()
+            for j, i in enumerate(rows):
+                row = out[j].clone()
+                found[i] = row
+                size = row.numel() * row.element_size()
+                if self.bytes + size <= self.max_bytes:
+                    self._store[(name, keys[i])] = row
+                    self.bytes += size
         device = inputs[0].device
         return torch.stack([f.to(device) for f in found])  # type: ignore[union-attr]
