@@ -3,6 +3,7 @@ recomputing the frozen encoders, on CPU, in one run: step time of each and their
 
     python bench/bench_features.py                    # 10 timed steps (+2 warm-up) per case, 1 thread
     python bench/bench_features.py --steps 20 --rounds 2 --dtype bf16
+    python bench/bench_features.py --workers 1        # the loader in a worker process, as training runs it
 
 Config: `load_config("demo", ..., layers=["stage1_align"])` plus the demo's stage-1 settings
 (`train.demo.STAGE_SETTINGS`; batch 8, both encoders frozen, TG-IS, projectors trained, the LLM
@@ -38,6 +39,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (default 1)")
     ap.add_argument("--rounds", type=int, default=1, help="round-robin rounds, best kept (default 1)")
     ap.add_argument("--dtype", default="fp32", choices=("bf16", "fp16", "fp32"), help="stored feature dtype")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="data.num_workers of both cases (default 0: the loader runs in the step's process)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -58,7 +61,7 @@ def main() -> None:
         manifest, tok = make_phantoms(root, args.n_train)
         stage1 = [o for o in STAGE_SETTINGS.get(STAGE, ()) if not o.startswith("train.max_steps=")]
         base = [f"data.train={manifest}", f"model.llm.tokenizer={tok}", f"train.output_dir={root / 'runs'}",
-                *stage1, "train.feature_cache_mb=0", "data.num_workers=0"]
+                *stage1, "train.feature_cache_mb=0", f"data.num_workers={args.workers}"]
         cfg = load_config(CONFIG, base, layers=[STAGE])
         run_preprocess(manifest, cfg, root / "shards", shard_size=16)
         set_seed(cfg.train.seed)
@@ -76,7 +79,7 @@ def main() -> None:
                 if name not in results or r["sps"] > results[name]["sps"]:
                     results[name] = r
     print(f"{CONFIG} + {STAGE}, batch {cfg.train.batch_size}, {args.steps} timed steps after {args.warmup} warm-up "
-          f"(best of {args.rounds}), {args.threads} thread(s), {s.studies} studies read from preprocess shards; "
+          f"(best of {args.rounds}), {args.threads} thread(s), {args.workers} loader worker(s), {s.studies} studies read from preprocess shards; "
           f"1-min load avg {os.getloadavg()[0]:.1f}")
     print(f"{'case':<26}{'P':>3}{'thr':>4}{'samples/s':>10}{'step s':>9}{'data %':>8}{'compute%':>9}"
           f"{'teach/st':>9}{'teacher ms':>11}{'RSS MiB':>10}")

@@ -12,7 +12,7 @@ from medvlm3d.train.demo import STAGES, TEACHERS
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     parser.add_argument("--n-train", type=int, default=1000, help="training studies (seed 0)")
-    parser.add_argument("--n-test", type=int, default=40, help="held-out studies (seed 1)")
+    parser.add_argument("--n-test", type=int, default=200, help="held-out studies (seed 1)")
     parser.add_argument("--config", default="demo", help="model/data config (name or YAML)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every stage")
     parser.add_argument("--skip-to", choices=STAGES, default=None, help="resume the chain at this stage")

@@ -11,14 +11,20 @@ import pytest
 
 from medvlm3d.cli import main
 from medvlm3d.config import load_config
-from medvlm3d.train.demo import STAGE_SETTINGS, STAGES, TARGETS
+from medvlm3d.train.demo import LABELLED_SETTINGS, STAGE_SETTINGS, STAGES, TARGETS
 
 
 def test_stage_settings_name_known_stages_and_load() -> None:
-    assert set(STAGE_SETTINGS) <= set(STAGES)
-    for stage, settings in STAGE_SETTINGS.items():
-        cfg = load_config("demo", list(settings), layers=[stage])
+    assert set(STAGE_SETTINGS) <= set(STAGES) and set(LABELLED_SETTINGS) <= set(STAGES)
+    for stage in STAGES:
+        settings = [*STAGE_SETTINGS.get(stage, ()), *LABELLED_SETTINGS.get(stage, ())]
+        cfg = load_config("demo", settings, layers=[stage])
         assert cfg.train.stage == stage and cfg.train.max_steps > 0
+    # TG-IS's own rate in stages 1-2 (above the stage's lr in stage 2), and its sharper temperature
+    s1 = load_config("demo", list(LABELLED_SETTINGS["stage1_align"]), layers=["stage1_align"])
+    s2 = load_config("demo", list(LABELLED_SETTINGS["stage2_finetune"]), layers=["stage2_finetune"])
+    assert s1.train.lr_per_component["tgis"] > s1.train.lr and s2.train.lr_per_component["tgis"] > s2.train.lr
+    assert load_config("demo").model.tgis.tau == 1.0 and load_config("demo_unsupervised").model.tgis.tau == 5.0
 
 
 @pytest.mark.slow
@@ -82,3 +88,25 @@ def test_a_stopped_demo_stops_and_a_second_run_continues(tmp_path: Path, monkeyp
     assert (out / "tokenizer" / "tokenizer.json").read_bytes() == tok  # data and tokenizer reused
     assert {p.name: p.stat().st_mtime_ns for p in (out / "data" / "train" / "volumes").iterdir()} == volumes
     assert (out / "report.json").is_file()
+
+
+def test_labelled_settings_reach_the_supervised_demo_only(tmp_path: Path, monkeypatch) -> None:
+    import medvlm3d.train.recipe as recipe
+    from medvlm3d.train.demo import run_stages
+
+    seen: dict[tuple[bool, str], object] = {}
+
+    def fake_training(cfg):
+        seen[(flag, cfg.train.stage)] = cfg
+        return tmp_path / cfg.train.stage / "final"
+
+    monkeypatch.setattr(recipe, "run_training", fake_training)
+    manifest, tok = tmp_path / "manifest.jsonl", tmp_path / "tok"
+    for flag in (True, False):
+        run_stages(tmp_path / str(flag), manifest, tok, labelled=flag)
+    s2, s2_plain = seen[(True, "stage2_finetune")], seen[(False, "stage2_finetune")]
+    assert s2.train.lr == 5.0e-4 and s2.train.lr_per_component == {"tgis": 1.0e-3}
+    assert s2_plain.train.lr == 1.0e-3 and s2_plain.train.lr_per_component == {}
+    assert seen[(True, "stage1_align")].train.lr_per_component == {"tgis": 1.0e-2}
+    assert seen[(False, "stage1_align")].train.lr_per_component == {}
+    assert s2.train.max_steps == s2_plain.train.max_steps == 900  # STAGE_SETTINGS reach both
