@@ -109,4 +109,4 @@ def test_labelled_settings_reach_the_supervised_demo_only(tmp_path: Path, monkey
     assert s2_plain.train.lr == 1.0e-3 and s2_plain.train.lr_per_component == {}
     assert seen[(True, "stage1_align")].train.lr_per_component == {"tgis": 1.0e-2}
     assert seen[(False, "stage1_align")].train.lr_per_component == {}
-    assert s2.train.max_steps == s2_plain.train.max_steps == 900  # STAGE_SETTINGS reach both
+    assert s2.train.max_steps == s2_plain.train.max_steps == 1100  # STAGE_SETTINGS reach both
