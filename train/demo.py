@@ -150,8 +150,8 @@ def run_stages(
 ) -> Path:
     """Run `stages` in order, each starting from the previous stage's export; returns the last.
     `stage_settings` adds `STAGE_SETTINGS`, and with `labelled` `LABELLED_SETTINGS` (off: the stage
-    YAMLs as they are). `resume`: a stage
-    whose `final/` exists is not run again, and a stopped one continues from its checkpoint."""
+    YAMLs as they are). `resume`: a stage whose `final/` exists is not run again, and a stopped one
+    continues from its checkpoint."""
     from medvlm3d.train.recipe import run_training
 
     prev = init_from
